@@ -1,0 +1,195 @@
+"""Record gradient norms in a custom accelerate training loop (also the engine of the Trainer callback).
+
+Where the capture happens (the one subtle part):
+
+- accelerate reduces gradients in ``accelerator.backward`` on the step's last micro-batch
+  (``accelerator.sync_gradients`` True); the loop then (optionally) calls
+  ``accelerator.clip_grad_norm_`` and ``optimizer.step()``. The hook wraps both, on the instances:
+  the clip wrapper captures BEFORE clipping; the step wrapper captures before the step if no
+  clip call did (no clipping), then, after the step, reports a loss-scaler skip
+  (``optimizer.step_was_skipped``) and advances the step counter.
+- DeepSpeed: accelerate runs ``engine.step()`` inside ``accelerator.backward``; the ZeRO
+  optimizer's ``step`` is wrapped instead (``llm_refine.recorder.deepspeed.install_step_hook``).
+
+Usage::
+
+    hook = AccelerateGradNormHook(accelerator, model, optimizer, "out/gradnorms.jsonl")
+    ...  # unchanged loop: accelerator.backward / clip_grad_norm_ / optimizer.step
+    hook.close()
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import UserError
+from .backends import detect_backend, grad_scale_of, world_size
+from .core import GradNormRecorder
+
+SKIP_REASON = "loss scaler overflow (inf/nan gradients)"
+
+
+def _is_deepspeed(accelerator) -> bool:
+    dt = getattr(accelerator, "distributed_type", None)
+    return str(getattr(dt, "value", dt)).upper() == "DEEPSPEED"
+
+
+class AccelerateGradNormHook:
+    """Installs the recorder into a prepared accelerate setup.
+
+    ``model`` / ``optimizer``: what ``accelerator.prepare`` returned (DDP / FSDP / fully_shard'ed
+    module / DeepSpeed engine; ``AcceleratedOptimizer``). ``start_step``: the 0-based index of the
+    next optimizer step (resume: the checkpoint's step count); records past it already in the file
+    are dropped. ``step_fn``: overrides the internal counter (the Trainer passes its global_step).
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        model: Any,
+        optimizer: Any,
+        output_path: str | os.PathLike | None,
+        *,
+        flush_every: int = 50,
+        start_step: int = 0,
+        step_fn: Callable[[], int] | None = None,
+        norms: Sequence[str] = ("l1", "l2"),
+        meta: Mapping[str, Any] | None = None,
+        per_group: bool = False,
+    ):
+        self.accelerator = accelerator
+        self.optimizer = optimizer
+        self._step = int(start_step)
+        self._step_fn = step_fn
+        self._captured_at: int | None = None
+        self._ds_handle = None
+        self._restore: list[tuple[Any, str, Any]] = []
+
+        n_acc = int(getattr(accelerator, "num_processes", 1))
+        if n_acc != world_size():
+            raise UserError(
+                f"accelerate reports {n_acc} process(es) but torch.distributed has {world_size()} ranks, so "
+                "gradients are not reduced across ranks; on a CPU-only machine pass cpu=True to Accelerator "
+                "(use_cpu=True in TrainingArguments)"
+            )
+        if _is_deepspeed(accelerator):
+            from .deepspeed import DeepSpeedBackend, install_step_hook  # engineer B's module
+
+            backend = DeepSpeedBackend(model)
+        else:
+            backend = detect_backend(model, scale_fn=lambda: grad_scale_of(getattr(accelerator, "scaler", None), optimizer))
+        groups = None
+        if per_group:
+            groups = [g["params"] for g in optimizer.param_groups]
+        full_meta = {"source": "accelerate", **dict(meta or {})}
+        self.recorder = GradNormRecorder(
+            backend,
+            output_path,
+            flush_every,
+            meta=full_meta,
+            resume_after_step=self.step - 1,
+            norms=norms,
+            param_groups=groups,
+        )
+        if _is_deepspeed(accelerator):
+            self._ds_handle = install_step_hook(model, self._before_ds_step, self._after_ds_step)
+        else:
+            self._wrap_clip()
+            self._wrap_step()
+
+    # -- the step index ---------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """0-based index of the optimizer step in progress / next to run."""
+        return self._step_fn() if self._step_fn is not None else self._step
+
+    def _capture_once(self) -> None:
+        step = self.step
+        if self._captured_at != step:
+            self.recorder.capture(step)
+            self._captured_at = step
+
+    # -- torch engines: wrap accelerator.clip_grad_norm_ and optimizer.step --------------------------
+    def _set(self, obj, name, value):
+        self._restore.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def _wrap_clip(self):
+        acc = self.accelerator
+        orig = acc.clip_grad_norm_
+        hook = self
+
+        def clip_grad_norm_(parameters, max_norm, norm_type=2, *args, **kwargs):
+            if acc.sync_gradients:
+                hook._capture_once()  # before clipping: the recorded norm is the pre-clip one
+            return orig(parameters, max_norm, norm_type, *args, **kwargs)
+
+        self._set(acc, "clip_grad_norm_", clip_grad_norm_)
+
+    def _wrap_step(self):
+        opt = self.optimizer
+        orig = opt.step  # bound method (or an LR scheduler's wrapper of it)
+        hook = self
+
+        def step(opt_self, *args, **kwargs):
+            sync = bool(hook.accelerator.sync_gradients)
+            if sync:
+                hook._capture_once()  # no clip call this step: grads are unclipped here
+            out = orig(*args, **kwargs)
+            if sync:
+                if getattr(opt_self, "step_was_skipped", False):
+                    hook.recorder.mark_skipped(hook.step, SKIP_REASON)
+                hook._step += 1
+            return out
+
+        # An LR scheduler created earlier marked its own wrapper; keep the mark so torch does not
+        # warn that step() was overridden after the scheduler was built.
+        if getattr(orig, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        # A bound method, so an LR scheduler created later can re-wrap it (it uses __func__).
+        self._set(opt, "step", types.MethodType(step, opt))
+
+    # -- DeepSpeed --------------------------------------------------------------------------------
+    def _before_ds_step(self) -> None:
+        self._capture_once()
+
+    def _after_ds_step(self, skipped: bool) -> None:
+        if skipped:
+            self.recorder.mark_skipped(self.step, SKIP_REASON)
+        self._step += 1
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def flush(self) -> list[dict]:
+        return self.recorder.flush()
+
+    def sync(self) -> list[dict]:
+        """Flush and fsync: call when saving a checkpoint."""
+        return self.recorder.sync()
+
+    def remove(self) -> None:
+        """Undo the wrappers (the recorder stays open)."""
+        for obj, name, old in reversed(self._restore):
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, old)
+        self._restore.clear()
+        if self._ds_handle is not None:
+            self._ds_handle.remove()
+            self._ds_handle = None
+
+    def close(self) -> list[dict]:
+        """Remove the wrappers, flush and close the history file."""
+        self.remove()
+        return self.recorder.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_MISSING = object()

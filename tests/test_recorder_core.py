@@ -1,0 +1,287 @@
+"""Single-process tests of the recorder: sums, buffering/flush, skips, loss-scale undo, resume,
+per-group norms, the Trainer callback and the accelerate hook (no extra processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from llm_refine.errors import UserError
+from llm_refine.history import read_jsonl
+from llm_refine.recorder.backends import LocalBackend, detect_backend, grad_scale_of, sums_of
+from llm_refine.recorder.core import GradNormRecorder
+
+
+def ref_norms(params):
+    gs = [p.grad.detach().double().reshape(-1) for p in params if p.grad is not None]
+    flat = torch.cat(gs)
+    return flat.abs().sum().item(), flat.norm().item()
+
+
+def close(a, b, rel=1e-6):
+    return abs(a - b) <= rel * max(abs(b), 1e-30)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 3, bias=False)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+def make_grads(seed=0, model=None):
+    torch.manual_seed(seed)
+    model = model or Tiny()
+    x = torch.randn(6, 5)
+    model(x).pow(2).mean().backward()
+    return model
+
+
+def test_sums_of_matches_float64_reference_incl_bf16():
+    m = make_grads()
+    s = sums_of([p.grad for p in m.parameters()])
+    l1, l2 = ref_norms(m.parameters())
+    assert s.shape == (2,) and s.dtype == torch.float64
+    assert close(s[0].item(), l1) and close(math.sqrt(s[1].item()), l2)
+    bf = [p.grad.bfloat16() for p in m.parameters()]
+    sb = sums_of(bf)
+    assert close(sb[0].item(), l1, 1e-2) and close(math.sqrt(sb[1].item()), l2, 1e-2)
+    assert sums_of([]).tolist() == [0.0, 0.0]
+
+
+def test_recorder_buffers_flushes_and_writes(tmp_path):
+    m = Tiny()
+    path = tmp_path / "g.jsonl"
+    rec = GradNormRecorder(LocalBackend(m), path, flush_every=3, meta={"run": "t"})
+    expected = []
+    for step in range(5):
+        m.zero_grad()
+        make_grads(step, m)
+        expected.append(ref_norms(m.parameters()))
+        rec.capture(step)
+    # 3 captures buffered; the 4th capture flushed them lazily; two are pending
+    meta, records = read_jsonl(path)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    out = rec.close()
+    assert [r["step"] for r in out] == [3, 4]
+    meta, records = read_jsonl(path)
+    assert meta["engine"] == "single" and meta["run"] == "t" and meta["world_size"] == 1
+    assert [r["step"] for r in records] == list(range(5))
+    for r, (l1, l2) in zip(records, expected):
+        assert close(r["l1"], l1) and close(r["l2"], l2)
+
+
+def test_mark_skipped_replaces_norms_and_never_duplicates(tmp_path):
+    m = make_grads()
+    path = tmp_path / "g.jsonl"
+    rec = GradNormRecorder(LocalBackend(m), path, flush_every=1)
+    rec.capture(0)
+    rec.capture(1)  # flushes step 0
+    rec.mark_skipped(1, "fp16 overflow")
+    rec.capture(2)
+    rec.close()
+    _, records = read_jsonl(path)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1] == {"step": 1, "skipped": True, "reason": "fp16 overflow"}
+    assert "l1" in records[2]
+
+
+def test_resume_drops_records_past_checkpoint(tmp_path):
+    m = make_grads()
+    path = tmp_path / "g.jsonl"
+    rec = GradNormRecorder(LocalBackend(m), path, flush_every=2)
+    for s in range(6):
+        rec.capture(s)
+    rec.close()
+    rec = GradNormRecorder(LocalBackend(m), path, flush_every=2, resume_after_step=3)
+    for s in range(4, 7):
+        rec.capture(s)
+    rec.close()
+    _, records = read_jsonl(path)
+    assert [r["step"] for r in records] == list(range(7))
+
+
+def test_per_group_norms_and_norm_subset(tmp_path):
+    m = make_grads()
+    groups = [list(m.a.parameters()), [m.b.weight, m.scale]]
+    rec = GradNormRecorder(LocalBackend(m), tmp_path / "g.jsonl", 10, param_groups=groups, group_names=["a", "rest"])
+    rec.capture(0)
+    (r,) = rec.flush()
+    for name, ps in (("a", groups[0]), ("rest", groups[1])):
+        l1, l2 = ref_norms(ps)
+        assert close(r["groups"]["l1"][name], l1) and close(r["groups"]["l2"][name], l2)
+    assert close(r["l1"], ref_norms(m.parameters())[0])
+    rec2 = GradNormRecorder(LocalBackend(m), None, 10, norms=("l2",))
+    rec2.capture(0)
+    (r2,) = rec2.flush()
+    assert set(r2) == {"step", "l2"}
+    with pytest.raises(UserError):
+        GradNormRecorder(LocalBackend(m), None, 0)
+    with pytest.raises(UserError):
+        GradNormRecorder(LocalBackend(m), None, 5, norms=("linf",))
+
+
+def test_grad_scaler_scale_is_undone_and_not_twice():
+    torch.manual_seed(0)
+    m = Tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(6, 5)
+    scaler.scale(m(x).pow(2).mean()).backward()
+    backend = LocalBackend(m, scale_fn=lambda: grad_scale_of(scaler, opt))
+    s_scaled = backend.local_sums()
+    scaler.unscale_(opt)
+    l1, l2 = ref_norms(m.parameters())  # true (unscaled) grads now
+    assert close(s_scaled[0].item(), l1) and close(math.sqrt(s_scaled[1].item()), l2)
+    s_after = backend.local_sums()  # already unscaled: no second division
+    assert close(s_after[0].item(), l1)
+    assert grad_scale_of(None) is None
+
+
+def test_detect_backend_single_and_compiled_wrapper():
+    m = Tiny()
+    assert detect_backend(m).engine == "single"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer and accelerate, single process
+
+
+class Reg(nn.Module):
+    """A tiny regression model with the Trainer's calling convention (loss in the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 1)
+
+    def forward(self, x, labels):
+        y = self.l2(torch.tanh(self.l1(x))).squeeze(-1)
+        return {"loss": ((y - labels) ** 2).mean()}
+
+
+def reg_data(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(8, generator=g), "labels": torch.randn((), generator=g)} for _ in range(n)]
+
+
+def reference_run(data, steps, batch, accum, lr, clip, seed=0):
+    """Manual single-process loop: SGD, sequential batches, accumulation, clipping."""
+    torch.manual_seed(seed)
+    m = Reg()
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    out = []
+    i = 0
+    for _ in range(steps):
+        for _ in range(accum):
+            rows = data[i : i + batch]
+            i += batch
+            x = torch.stack([r["x"] for r in rows])
+            y = torch.stack([r["labels"] for r in rows])
+            (m(x, y)["loss"] / accum).backward()
+        out.append(ref_norms(m.parameters()))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+def sequential_trainer(**kw):
+    from transformers import Trainer
+
+    class SeqTrainer(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return SeqTrainer(**kw)
+
+
+@pytest.mark.parametrize("accum,clip", [(1, 0.0), (2, 0.05)])
+def test_trainer_callback_single_process(tmp_path, accum, clip):
+    from transformers import TrainingArguments
+
+    from llm_refine import GradNormCallback
+
+    data = reg_data()
+    torch.manual_seed(0)
+    model = Reg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=accum,
+        max_steps=4, logging_steps=2, report_to="none", use_cpu=True, max_grad_norm=clip,
+        save_strategy="no", disable_tqdm=True,
+    )
+    trainer = sequential_trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                                 callbacks=[GradNormCallback()])
+    trainer.train()
+    meta, records = read_jsonl(tmp_path / "gradnorms.jsonl")
+    ref = reference_run(data, 4, 4, accum, 0.1, clip)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for r, (l1, l2) in zip(records, ref):
+        assert close(r["l1"], l1, 1e-5) and close(r["l2"], l2, 1e-5)
+    if clip:
+        assert all(r["l2"] > clip * 2 for r in records)  # pre-clip: clipping really happened
+    assert meta["gradient_accumulation_steps"] == accum and meta["max_grad_norm"] == clip
+    assert meta["engine"] == "single" and meta["precision"] == "fp32"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:
+        rec = records[h["step"] - 1]
+        assert h["grad_l1_norm"] == rec["l1"] and h["grad_l2_norm"] == rec["l2"]
+        assert close(h["grad_norm"], rec["l2"], 1e-5)  # the Trainer's own pre-clip norm agrees
+    # the wrappers are gone after training
+    assert "clip_grad_norm_" not in trainer.accelerator.__dict__ and "log" not in trainer.__dict__
+
+
+def test_accelerate_hook_custom_loop_fp32(tmp_path):
+    from accelerate import Accelerator
+
+    from llm_refine import AccelerateGradNormHook
+
+    data = reg_data()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = Reg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    hook = AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl", flush_every=2)
+    for i, batch in enumerate(loader):
+        if i == 8:
+            break
+        with accelerator.accumulate(model):
+            loss = model(**batch)["loss"]
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and hook.step % 2 == 1:  # clip on odd steps only
+                accelerator.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            opt.zero_grad()
+    hook.close()
+    _, records = read_jsonl(tmp_path / "g.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    # reference: same loop by hand, clip on odd steps
+    torch.manual_seed(0)
+    m = Reg()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(4):
+        for k in range(2):
+            rows = data[(2 * step + k) * 4 : (2 * step + k + 1) * 4]
+            x = torch.stack([r["x"] for r in rows])
+            y = torch.stack([r["labels"] for r in rows])
+            (m(x, y)["loss"] / 2).backward()
+        l1, l2 = ref_norms(m.parameters())
+        assert close(records[step]["l1"], l1, 1e-5) and close(records[step]["l2"], l2, 1e-5)
+        if step % 2 == 1:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+        o.step()
+        o.zero_grad()

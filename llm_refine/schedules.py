@@ -114,13 +114,13 @@ def wsd(
 
 
 def inverse_sqrt(step: int, total: int, *, warmup: int = 0, timescale: int | None = None) -> float:
-    """sqrt(timescale / (step + 1)) after warm-up, capped at 1; timescale defaults to the warm-up."""
+    """sqrt(timescale / step) after warm-up, capped at 1; timescale defaults to the warm-up (min 1)."""
     _check(step, total)
     w = _warmup(step, warmup)
     if w is not None:
         return w
     ts = timescale if timescale is not None else max(warmup, 1)
-    return min(1.0, math.sqrt(ts / (step + 1)))
+    return math.sqrt(ts / max(step, ts))
 
 
 def refined(step: int, total: int, *, multipliers: Sequence[float] | np.ndarray, warmup: int = 0) -> float:
@@ -242,23 +242,19 @@ def load_multipliers(path: str | os.PathLike) -> np.ndarray:
 # torch / transformers glue
 
 
-class _StepMultiplier:
-    """Picklable lr_lambda: LambdaLR saves callable objects' state in its state_dict."""
-
-    def __init__(self, schedule: Schedule, total_steps: int):
-        self.schedule = schedule
-        self.total_steps = total_steps
-
-    def __call__(self, step: int) -> float:
-        return self.schedule(step, self.total_steps)
-
-
 def lambda_lr(optimizer, config: ScheduleConfig | dict | str, total_steps: int, last_epoch: int = -1):
     """A ``torch.optim.lr_scheduler.LambdaLR`` for any schedule (the LR at step s is peak·m(s, T))."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    fn = _StepMultiplier(make_schedule(config, total_steps), total_steps)
-    return LambdaLR(optimizer, fn, last_epoch=last_epoch)
+    schedule = make_schedule(config, total_steps)
+
+    # A plain function, not a callable object: LambdaLR pickles callable objects' __dict__ into
+    # checkpoints, and the Trainer reloads those with weights_only=True, which rejects them. The
+    # schedule is rebuilt from the config on resume; only last_epoch needs saving.
+    def lr_lambda(step: int) -> float:
+        return schedule(step, total_steps)
+
+    return LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch)
 
 
 def use_schedule(trainer, config: ScheduleConfig | dict | str):

@@ -1,0 +1,98 @@
+"""Shared pieces of the DeepSpeed recorder tests (imported inside spawned worker processes).
+
+Kept free of deepspeed/transformers imports at module level: the parent pytest process imports it
+only to read the case list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import traceback
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_worker_env(rank: int, world: int, port: int) -> None:
+    """Environment of one CPU DeepSpeed rank; must run before deepspeed is imported."""
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_OFFLINE="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def skip_shm_comm_build() -> None:
+    """Stop DeepSpeed from JIT-compiling its shared-memory all-reduce op (35-75 s of g++).
+
+    deepspeed 0.19.8, ``comm/torch.py``: ``TorchBackend.__init__`` calls ``build_shm_op()``, which
+    returns None (and the backend falls back to torch.distributed for ``inference_all_reduce``, the
+    only user of the op) when ``deepspeed.ops.__compatible_ops__[builder.NAME]`` is False. That dict
+    is computed once per process and cached in the module, "so edits to it persist"
+    (``deepspeed/ops/__init__.py``). Training collectives never use the op.
+    """
+    import deepspeed.ops
+
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def init_dist() -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="gloo")
+    assert dist.get_backend() == "gloo" and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
+
+
+def teardown_dist() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def write_result(path: str | os.PathLike, payload: dict) -> None:
+    Path(path).write_text(json.dumps(payload, allow_nan=True))
+
+
+def error_text() -> str:
+    return traceback.format_exc(limit=12)
+
+
+def norms64(grads) -> tuple[float, float]:
+    """Reference ℓ1/ℓ2 of full gradients, in float64."""
+    import torch
+
+    l1 = 0.0
+    sq = 0.0
+    for g in grads:
+        g = g.detach().double()
+        l1 += float(g.abs().sum())
+        sq += float(g.square().sum())
+    return l1, math.sqrt(sq)

@@ -1,0 +1,36 @@
+"""Pretrain a LLaMA-style model from a recipe (thin wrapper over `llm_refine.pretrain`).
+
+    python recipes/pretrain.py recipes/pretrain_tiny.yaml [--output_dir D] [--set key=value ...]
+    torchrun --nproc_per_node 2 recipes/pretrain.py RECIPE.yaml ...
+    accelerate launch --config_file launch/ddp.yaml recipes/pretrain.py RECIPE.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llm_refine.errors import UserError
+from llm_refine.pretrain import load_pretrain_config, run_pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML (sections model, data, train, schedule, output_dir)")
+    p.add_argument("--output_dir", help="overrides the recipe's output_dir")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.max_steps=50 schedule.name=cosine schedule.file=s.json")
+    a = p.parse_args(argv)
+    overrides = list(a.set) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
+    try:
+        summary = run_pretrain(load_pretrain_config(a.recipe, overrides))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("final_val_loss", "perplexity", "tokens_seen", "wall_time_s", "steps_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

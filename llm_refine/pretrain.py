@@ -375,8 +375,11 @@ def _engine_info(trainer) -> dict:
     return info
 
 
-def run_pretrain(config: PretrainConfig) -> dict:
-    """Train (or resume, or return the finished run's summary) and return the summary dict."""
+def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
+    """Train (or resume, or return the finished run's summary) and return the summary dict.
+
+    ``callbacks``: extra ``TrainerCallback``s (e.g. for monitoring; tests use one to crash a run).
+    """
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -479,7 +482,7 @@ def run_pretrain(config: PretrainConfig) -> dict:
     log_cb = _make_callbacks(out, probe, is_main, cfg.train.print_every)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-        callbacks=[_gradnorm_callback(), log_cb],
+        callbacks=[_gradnorm_callback(), log_cb, *callbacks],
     )
     trainer.batch_probe = probe
     for cb in (PrinterCallback, ProgressCallback):

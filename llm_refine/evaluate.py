@@ -1,0 +1,63 @@
+"""Validation loss of a saved checkpoint on the run's fixed held-out set.
+
+The validation set is the one the run evaluated on during training (`llm_refine.data.prepare_data`
+with the run's data config: same documents, tokenizer and rows), so ``evaluate_checkpoint`` on the
+last checkpoint reproduces the run's final ``val_loss`` and compares runs of a sweep on equal terms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _find_config(checkpoint_dir: Path):
+    from .pretrain import CONFIG, load_pretrain_config
+
+    for d in (checkpoint_dir, checkpoint_dir.parent):
+        f = d / CONFIG
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            if "train" in raw and "data" in raw:  # ours, not the model's config.json
+                return load_pretrain_config(raw)
+    raise UserError(
+        f"no pretraining config.json next to {checkpoint_dir}; pass the run's config (a checkpoint-N inside its output_dir)"
+    )
+
+
+def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16) -> dict:
+    """``{"val_loss", "perplexity", "tokens", "sequences"}`` of the model in ``checkpoint_dir``.
+
+    ``config``: the run's `PretrainConfig`; default: the ``config.json`` of the run that holds the
+    checkpoint. The loss is the mean over every predicted token (all rows have the same length).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .data import prepare_data
+
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt} is not a model checkpoint (no config.json); give a checkpoint-N directory")
+    cfg = config if config is not None else _find_config(ckpt)
+    data = prepare_data(cfg.data)
+    model = LlamaForCausalLM.from_pretrained(str(ckpt))
+    if model.config.vocab_size != data.vocab_size:
+        raise UserError(
+            f"{ckpt}: model vocabulary {model.config.vocab_size} != tokenizer's {data.vocab_size}; wrong config for this checkpoint"
+        )
+    model.eval()
+    rows = torch.from_numpy(data.val.astype("int64"))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            x = rows[i: i + batch_size]
+            n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens: every position but the first
+            total += float(model(input_ids=x, labels=x).loss) * n
+            count += n
+    loss = total / count
+    return {"val_loss": loss, "perplexity": math.exp(loss) if loss < 700 else None, "tokens": count, "sequences": len(rows)}

@@ -219,6 +219,13 @@ class FSDP1Backend(NormBackend):
         if self.strategy in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
             inter = getattr(root, "_inter_node_pg", None)
             replicate = dist.get_world_size(inter) if inter is not None else 1
+        if shard_size == 1 and world_size() > 1 and getattr(root, "_inter_node_pg", None) is not None:
+            # Measured (torch 2.13): HYBRID_SHARD with a 1-rank shard group silently becomes
+            # NO_SHARD on that group and never all-reduces across the replicas.
+            raise UserError(
+                "FSDP1 HYBRID_SHARD with a 1-rank shard group was turned into NO_SHARD by torch and its "
+                "gradients are not reduced across replicas; use a shard group of >= 2 ranks, or DDP"
+            )
         if shard_size * replicate != world_size():
             raise UserError(
                 f"FSDP1 data-parallel groups cover {shard_size * replicate} of {world_size()} ranks "

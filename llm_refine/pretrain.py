@@ -141,6 +141,23 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
     return d
 
 
+def _coerce_numbers(cls, d: dict) -> dict:
+    """YAML reads ``1e-3`` (no dot) as a string: turn such strings into the field's number type."""
+    out = dict(d)
+    for f in fields(cls):
+        v = out.get(f.name)
+        if not isinstance(v, str):
+            continue
+        kind = str(f.type)
+        for typ in ((float,) if "float" in kind else ()) + ((int,) if kind.startswith("int") else ()):
+            try:
+                out[f.name] = typ(v)
+                break
+            except ValueError:
+                pass
+    return out
+
+
 def _section(cls, d: Any, name: str):
     if d is None:
         return cls()
@@ -151,7 +168,7 @@ def _section(cls, d: Any, name: str):
     if unknown:
         raise UserError(f"unknown key(s) {unknown} in recipe section {name!r}; known: {sorted(known)}")
     try:
-        return cls(**d)
+        return cls(**_coerce_numbers(cls, d))
     except TypeError as e:
         raise UserError(f"recipe section {name!r}: {e}") from None
 
@@ -175,8 +192,8 @@ def load_pretrain_config(path_or_dict: str | os.PathLike | Mapping | None = None
         if not p.is_file():
             raise UserError(f"recipe {p} does not exist; give a recipe YAML such as recipes/pretrain_tiny.yaml")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            raw = (json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())) or {}
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise UserError(f"recipe {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise UserError(f"recipe {p} must be a mapping of sections (model, data, train, schedule, output_dir)")

@@ -53,7 +53,7 @@ class Tokenizer:
 # Options that decide the trained model; part of the cache key.
 _SP_OPTIONS = dict(
     model_type="bpe",
-    character_coverage=1.0,
+    character_coverage=0.9995,  # rare characters fall back to bytes
     byte_fallback=True,
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,

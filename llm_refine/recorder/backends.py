@@ -61,10 +61,15 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None) -
     for g in grads:
         buckets[(g.device, g.dtype)].append(g)
     for (dev, _), ts in buckets.items():
-        n1 = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32)).to(_acc_dtype(dev))
-        n2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(_acc_dtype(dev))
-        part = torch.stack([n1.sum(), n2.square().sum()])
-        out += part.to(device=device, dtype=acc, non_blocking=True)
+        a = _acc_dtype(dev)
+        if dev.type == "cpu":
+            # The CPU ord-1 norm kernel is ~2x slower than abs().sum() (measured, torch 2.13).
+            n1 = torch.stack([g.abs().sum(dtype=torch.float32) for g in ts])
+        else:
+            n1 = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32))
+        n2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(a)
+        part = torch.stack([n1.sum(dtype=a), torch.dot(n2, n2)])
+        out += part.to(device=device, non_blocking=True)
     return out
 
 
@@ -123,8 +128,16 @@ class NormBackend:
         dtype = str(params[0].dtype).replace("torch.", "") if params else None
         return {"engine": self.engine, "world_size": world_size(), "param_dtype": dtype, **self._extra_meta()}
 
-    def _params(self) -> list[nn.Parameter]:
+    def _all_params(self) -> Iterable[nn.Parameter]:
         return []
+
+    def _params(self) -> list[nn.Parameter]:
+        # Cached: walking the module tree every step costs as much as the norms of a small
+        # model. FSDP flat / DTensor parameters are persistent objects, so the cache stays valid.
+        plist = getattr(self, "_plist", None)
+        if plist is None:
+            plist = self._plist = [p for p in self._all_params() if p.requires_grad]
+        return plist
 
     def _unscale(self, sums: torch.Tensor) -> torch.Tensor:
         scale = self.scale_fn() if self.scale_fn is not None else None
@@ -154,6 +167,12 @@ class NormBackend:
 
     @property
     def device(self) -> torch.device:
+        dev = getattr(self, "_dev", None)
+        if dev is None:
+            dev = self._dev = self._find_device()
+        return dev
+
+    def _find_device(self) -> torch.device:
         for p in self._params():
             if p.device.type != "meta":
                 return p.device
@@ -169,8 +188,8 @@ class LocalBackend(NormBackend):
         self.engine = engine
         self.group = group
 
-    def _params(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
+    def _all_params(self):
+        return self.module.parameters()
 
     def _local_grads(self):
         out = []
@@ -237,8 +256,8 @@ class FSDP1Backend(NormBackend):
         else:
             self.needs_reduce, self.reduce_group = True, shard_pg
 
-    def _params(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def _all_params(self):
+        return self.model.parameters()
 
     def _local_grads(self):
         return [(p, p.grad) for p in self._params() if p.grad is not None]
@@ -309,11 +328,10 @@ class FSDP2Backend(NormBackend):
             self.reduce_group = mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
         self.hsdp = mesh.ndim == 2
 
-    def _params(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def _all_params(self):
+        return self.model.parameters()
 
-    @property
-    def device(self) -> torch.device:
+    def _find_device(self) -> torch.device:
         for p in self._params():
             return p.to_local().device if _is_dtensor(p) else p.device
         return torch.device("cpu")

@@ -1,0 +1,156 @@
+"""Overhead of the gradient-norm recorder (a benchmark, not a test).
+
+Measures, in one run, on the pipeline's smallest default model (``cpu-0.5m`` LLaMA, seq 128,
+batch 8, one thread, CPU):
+
+1. HF Trainer step time: without the recorder (``max_grad_norm=0``), with ``GradNormCallback``,
+   and with the Trainer's own clipping path (``max_grad_norm=1``) — rounds are interleaved and
+   the median per-step time of each configuration is reported, because a shared machine drifts;
+2. in isolation, on the same gradients: one ``GradNormRecorder.capture`` (ℓ1 + ℓ2, device
+   buffer, no host sync) vs the Trainer's own grad-norm call
+   (``torch.nn.utils.clip_grad_norm_(params, inf)``, which it runs every step even without
+   clipping, plus its ``.item()`` at logging).
+
+    python bench/recorder_overhead.py [--size cpu-0.5m] [--steps 30] [--rounds 3]
+
+Note (transformers 5.x): the Trainer computes its own ℓ2 every optimizer step even with
+``max_grad_norm=0`` (``_get_grad_norm`` calls ``clip_grad_norm_(…, inf)``), so "without the
+recorder" already includes the Trainer's own norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _data(vocab: int, seq: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in ids]
+
+
+def _model(size: str):
+    try:
+        from llm_refine.models import build_model
+
+        return build_model(size)
+    except Exception:  # models.py absent: an equivalent small LLaMA
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=688, max_position_embeddings=256)
+        return LlamaForCausalLM(cfg)
+
+
+def trainer_step_times(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int) -> list[float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from llm_refine import GradNormCallback
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    model = _model(size)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps, logging_steps=10,
+            report_to="none", use_cpu=True, max_grad_norm=clip, save_strategy="no", disable_tqdm=True,
+            dataloader_num_workers=0, learning_rate=1e-3,
+        )
+        cbs = [Timer()] + ([GradNormCallback()] if recorder else [])
+        Trainer(model=model, args=args, train_dataset=_data(model.config.vocab_size, seq, steps * batch),
+                callbacks=cbs).train()
+    return times[3:]  # drop warm-up steps
+
+
+def isolated(size: str, seq: int, batch: int, reps: int) -> dict:
+    import torch
+
+    from llm_refine.recorder.backends import LocalBackend
+    from llm_refine.recorder.core import GradNormRecorder
+
+    model = _model(size)
+    ids = _data(model.config.vocab_size, seq, batch)
+    x = torch.stack([d["input_ids"] for d in ids])
+    t0 = time.perf_counter()
+    model(input_ids=x, labels=x).loss.backward()
+    fwd_bwd = time.perf_counter() - t0
+    params = [p for p in model.parameters()]
+    rec = GradNormRecorder(LocalBackend(model), None, flush_every=10)
+
+    def timeit(fn):
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+
+    step = [0]
+
+    def capture():
+        rec.capture(step[0])
+        step[0] += 1
+
+    t_rec = timeit(capture)
+    t_trainer = timeit(lambda: torch.nn.utils.clip_grad_norm_(params, float("inf")))
+    rec.close()
+    n = sum(p.numel() for p in params)
+    return {"params": n, "fwd_bwd_s": fwd_bwd, "capture_s": t_rec, "trainer_norm_s": t_trainer}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="cpu-0.5m")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=200)
+    a = ap.parse_args(argv)
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    iso = isolated(a.size, a.seq, a.batch, a.reps)
+    configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0),
+               "GradNormCallback (max_grad_norm=0)": (True, 0.0),
+               "Trainer clipping path (max_grad_norm=1, no recorder)": (False, 1.0)}
+    per: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(a.rounds):
+        for name, (recorder, clip) in configs.items():
+            per[name] += trainer_step_times(a.size, a.steps, recorder, clip, a.seq, a.batch)
+    med = {k: statistics.median(v) for k, v in per.items()}
+    base = med["baseline (no recorder, max_grad_norm=0)"]
+    print(f"model {a.size}: {iso['params']:,} parameters, seq {a.seq}, batch {a.batch}, 1 thread, "
+          f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}")
+    print("Trainer median step time:")
+    for k, v in med.items():
+        print(f"  {k:55s} {v * 1e3:8.2f} ms  ({v / base:.4f}x baseline)")
+    print("Isolated, same gradients (mean of %d calls):" % a.reps)
+    print(f"  recorder capture (l1+l2, device buffer)   {iso['capture_s'] * 1e3:8.3f} ms")
+    print(f"  Trainer's own norm (clip_grad_norm_(inf)) {iso['trainer_norm_s'] * 1e3:8.3f} ms")
+    print(f"  capture / Trainer's own norm              {iso['capture_s'] / iso['trainer_norm_s']:8.3f}")
+    print(f"  capture / median baseline step            {iso['capture_s'] / base * 100:8.3f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -190,7 +190,8 @@ def plan(recipe: Recipe, out: Path) -> list[Stage]:
                     train_ids.append(st.id)
         if recipe.evaluate:
             stages.append(Stage(id=f"{size}/evaluate", kind="evaluate", deps=list(train_ids), size=size, run_dir=size_dir))
-    stages.append(Stage(id="report", kind="report", deps=[s.id for s in stages if s.kind in ("evaluate", "train")]))
+    final = "evaluate" if recipe.evaluate else "train"
+    stages.append(Stage(id="report", kind="report", deps=[s.id for s in stages if s.kind == final]))
     return stages
 
 
@@ -203,13 +204,21 @@ class Launcher(Protocol):
 
 
 class InProcessLauncher:
-    """Trains in this process with C's `run_pretrain` (which resumes from its latest checkpoint)."""
+    """Trains in this process with C's `run_pretrain` (which resumes from its latest checkpoint).
+
+    ``callbacks_for(stage)``: extra ``TrainerCallback``s for a stage (monitoring; tests use one to
+    interrupt a run mid-stage).
+    """
+
+    def __init__(self, callbacks_for: Callable[[Stage], list] | None = None):
+        self.callbacks_for = callbacks_for
 
     def train(self, stage: Stage, base_config_path: Path, recipe: Recipe) -> None:
         from .pretrain import load_pretrain_config, run_pretrain
 
         config = load_pretrain_config(copy.deepcopy(recipe.pretrain), list(stage.overrides))
-        run_pretrain(config)
+        callbacks = list(self.callbacks_for(stage)) if self.callbacks_for else []
+        run_pretrain(config, callbacks=callbacks)
 
 
 class AccelerateLauncher:
@@ -225,9 +234,8 @@ class AccelerateLauncher:
         if self.config:
             cmd += ["--config_file", self.config]
         cmd += [*self.extra_args, self.script, str(base_config_path), "--output_dir", str(stage.run_dir)]
-        for ov in stage.overrides:
-            if not ov.startswith(f"{KEY_OUTPUT}="):
-                cmd += ["--set", ov]
+        # One --set followed by every override (the script's --set takes a list).
+        cmd += ["--set", *[ov for ov in stage.overrides if not ov.startswith(f"{KEY_OUTPUT}=")]]
         return cmd
 
     def train(self, stage: Stage, base_config_path: Path, recipe: Recipe) -> None:
@@ -353,24 +361,25 @@ def refine_baseline(history: Path, out_file: Path, *, norm: str, tau: float) -> 
         return refine_file(history, out_file, norm=norm, tau=tau, plot=out_file.with_suffix(".png"))
 
 
+def final_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint the run ended with: summary.json's ``last_checkpoint``, else the newest."""
+    summary = _read_json(run_dir / "summary.json") or {}
+    last = summary.get("last_checkpoint")
+    if isinstance(last, str) and Path(last).is_dir():
+        return Path(last)
+    return latest_checkpoint(run_dir)
+
+
 def evaluate_run(run_dir: Path) -> dict:
     """Evaluate a finished run's final checkpoint with C's `evaluate_checkpoint`; write eval.json."""
     from .evaluate import evaluate_checkpoint
 
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = final_checkpoint(run_dir)
     if ckpt is None:
         raise UserError(f"{run_dir}: no checkpoint-N directory to evaluate; the run must save its final checkpoint")
-    config = None
-    try:
-        from .pretrain import load_pretrain_config
-
-        cfg_path = run_dir / "config.json"
-        if cfg_path.exists():
-            config = load_pretrain_config(str(cfg_path), [])
-    except Exception:  # evaluate_checkpoint can find the config on its own
-        config = None
     t0 = time.time()
-    res = dict(evaluate_checkpoint(ckpt, config))
+    # The run's own config.json (next to the checkpoint) defines the validation set.
+    res = dict(evaluate_checkpoint(ckpt))
     res.update(
         checkpoint=str(ckpt), summary_sha256=sha256_file(run_dir / "summary.json"),
         eval_time_s=round(time.time() - t0, 3), evaluated=_now(),
@@ -622,12 +631,14 @@ def emit_slurm(
         name = f"{n:02d}-{_slug(stage.id)}.sbatch"
         job = f"llm-refine-{_slug(recipe.name)}-{_slug(stage.id)}"[:120]
         is_train = stage.kind == "train"
-        lines = _sbatch_header(recipe, job, log_dir, nodes=s.nodes if is_train else 1, gpus=s.gpus_per_node)
+        # Refinement and the report need no accelerator; evaluation needs one at most.
+        gpus = s.gpus_per_node if is_train else (min(1, s.gpus_per_node) if stage.kind == "evaluate" else 0)
+        lines = _sbatch_header(recipe, job, log_dir, nodes=s.nodes if is_train else 1, gpus=gpus)
         lines += ["", "set -euo pipefail", f"cd {shlex.quote(str(repo))}", *s.setup]
         if is_train:
             stage.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(stage.run_dir / STAGE_MARKER, _marker(stage, {"emitted": _now()}))
-            sets = " ".join(f"--set {shlex.quote(o)}" for o in stage.overrides if not o.startswith(f"{KEY_OUTPUT}="))
+            sets = "--set " + " ".join(shlex.quote(o) for o in stage.overrides if not o.startswith(f"{KEY_OUTPUT}="))
             tail = f"{shlex.quote(recipe.launch.script)} {shlex.quote(str(pipeline.base_config_path))} --output_dir {shlex.quote(str(stage.run_dir))} {sets}"
             if use_accel:
                 lines += [

@@ -1,0 +1,323 @@
+"""Pipeline stage logic with a fake launcher (no training): plan, skip/resume/run, failures,
+provenance, `--emit slurm`. The real end-to-end run is in test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_refine.errors import UserError
+from llm_refine.fileio import sha256_file
+from llm_refine.history import write_history
+from llm_refine.pipeline import (
+    Pipeline,
+    add_pipeline_arguments,
+    emit_slurm,
+    main_pipeline,
+    plan,
+)
+from llm_refine.recipe import parse_recipe
+
+
+def fake_recipe(**kw) -> dict:
+    raw = {
+        "name": "fake",
+        "sizes": ["cpu-0.5m", "cpu-2m"],
+        "schedules": ["linear", "refined", "cosine"],
+        "seeds": [0],
+        "refine": {"norm": "l1", "tau": 0.1},
+        "schedule": {"warmup_steps": 4},
+        "pretrain": {"train": {"max_steps": 40, "learning_rate": 1e-3}},
+    }
+    raw.update(kw)
+    return raw
+
+
+def overrides_dict(overrides: list[str]) -> dict:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+class FakeLauncher:
+    """Writes what run_pretrain would: config, history, logs, a checkpoint, summary.json last.
+
+    ``interrupt``: stage ids that stop after their first checkpoint with KeyboardInterrupt (once).
+    ``fail``: stage ids that raise RuntimeError.
+    """
+
+    def __init__(self, interrupt=(), fail=()):
+        self.calls: list[str] = []
+        self.interrupt = set(interrupt)
+        self.fail = set(fail)
+        self.resumed_from: dict[str, str | None] = {}
+
+    def train(self, stage, base_config_path, recipe):
+        self.calls.append(stage.id)
+        rd = Path(stage.run_dir)
+        ov = overrides_dict(stage.overrides)
+        assert ov["output_dir"] == str(rd)
+        if stage.id in self.fail:
+            raise RuntimeError("boom")
+        ckpts = sorted(rd.glob("checkpoint-*"))
+        self.resumed_from[stage.id] = ckpts[-1].name if ckpts else None
+        steps = int(recipe.pretrain["train"]["max_steps"])
+        sched = {k.split(".", 1)[1]: v for k, v in ov.items() if k.startswith("schedule.")}
+        if sched["name"] == "refined":
+            assert Path(sched["file"]).exists()
+        config = {"model": {"size": ov["model.size"]}, "train": {"seed": int(ov["train.seed"]), "max_steps": steps,
+                  "learning_rate": float(ov.get("train.learning_rate", 1e-3))}, "schedule": sched, "data": {"source": "embedded"}}
+        (rd / "config.json").write_text(json.dumps(config))
+        rng = np.random.default_rng(int(ov["train.seed"]))
+        norms = 3 + np.exp(-np.arange(steps) / 10) + rng.uniform(0, 0.1, steps)
+        write_history(rd / "gradnorms.jsonl", [{"step": i, "l1": float(n), "l2": float(n) / 10} for i, n in enumerate(norms)])
+        (rd / "checkpoint-20").mkdir(exist_ok=True)
+        if stage.id in self.interrupt:
+            self.interrupt.discard(stage.id)
+            raise KeyboardInterrupt
+        (rd / f"checkpoint-{steps}").mkdir(exist_ok=True)
+        loss = 4.0 + 0.1 * len(stage.schedule or "") - (0.5 if stage.size == "cpu-2m" else 0)
+        (rd / "eval_log.jsonl").write_text(json.dumps({"step": steps, "val_loss": loss}) + "\n")
+        (rd / "summary.json").write_text(json.dumps({"final_val_loss": loss, "max_steps": steps, "size": stage.size,
+                                                     "parameters": 1000 if stage.size == "cpu-0.5m" else 4000}))
+
+
+def fake_eval(run_dir: Path) -> dict:
+    from llm_refine.pipeline import EVAL_FILE
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    res = {"val_loss": s["final_val_loss"] + 0.001, "perplexity": math.exp(s["final_val_loss"]), "tokens": 10,
+           "summary_sha256": sha256_file(run_dir / "summary.json")}
+    (run_dir / EVAL_FILE).write_text(json.dumps(res))
+    return res
+
+
+def make_pipeline(tmp_path, launcher=None, lines=None, **kw):
+    recipe = parse_recipe(fake_recipe(**kw), check_pretrain=False)
+    out = lines if lines is not None else []
+    return Pipeline(recipe, tmp_path / "out", launcher or FakeLauncher(), print_fn=out.append, evaluate_fn=fake_eval), out
+
+
+def states(lines: list[str]) -> dict[str, list[str]]:
+    """stage id -> states printed for it, in order."""
+    got: dict[str, list[str]] = {}
+    for ln in lines:
+        m = re.match(r"^\[\s*\d+/\d+\]\s+(\S+)\s+(\S+)", ln)
+        if m:
+            got.setdefault(m.group(1), []).append(m.group(2))
+    return got
+
+
+def test_plan_order_dirs_and_dependencies(tmp_path):
+    recipe = parse_recipe(fake_recipe(seeds=[0, 1], lr_multipliers=[0.5, 1.0]), check_pretrain=False)
+    stages = plan(recipe, tmp_path)
+    ids = [s.id for s in stages]
+    # Per size: linear runs, refine, refined runs, cosine runs, evaluate; the report last.
+    assert ids[:6] == ["cpu-0.5m/linear-lr0.5-seed0", "cpu-0.5m/linear-lr0.5-seed1", "cpu-0.5m/linear-lr1-seed0",
+                       "cpu-0.5m/linear-lr1-seed1", "cpu-0.5m/refine", "cpu-0.5m/refined-lr0.5-seed0"]
+    assert ids[-1] == "report" and ids.count("cpu-2m/evaluate") == 1
+    by = {s.id: s for s in stages}
+    # Refined from the baseline at lr×1 (in the grid) and the first seed.
+    assert by["cpu-0.5m/refine"].deps == ["cpu-0.5m/linear-lr1-seed0"]
+    assert by["cpu-0.5m/refined-lr1-seed1"].deps == ["cpu-0.5m/refine"]
+    ov = overrides_dict(by["cpu-0.5m/refined-lr0.5-seed1"].overrides)
+    assert ov["schedule.file"] == str(tmp_path.resolve() / "cpu-0.5m" / "refined_schedule.json")
+    assert ov["train.seed"] == "1" and float(ov["train.learning_rate"]) == pytest.approx(5e-4)
+    assert "schedule.warmup_steps" not in ov  # refined: used as computed (refine.warmup: false)
+    lin = overrides_dict(by["cpu-0.5m/linear-lr1-seed1"].overrides)
+    assert lin["schedule.name"] == "linear" and lin["schedule.warmup_steps"] == "4"
+    assert "train.learning_rate" not in lin  # lr×1: the recipe's own LR
+    # Same seed => same overrides apart from the schedule (fair comparison).
+    cos = overrides_dict(by["cpu-0.5m/cosine-lr1-seed1"].overrides)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("schedule.") and k != "output_dir"}  # noqa: E731
+    assert strip(cos) == strip(lin)
+
+
+def test_single_seed_and_lr_give_plain_dir_names(tmp_path):
+    stages = plan(parse_recipe(fake_recipe(), check_pretrain=False), tmp_path)
+    assert [s.run_dir.name for s in stages if s.kind == "train"][:3] == ["linear", "refined", "cosine"]
+
+
+def test_full_run_then_rerun_skips_everything(tmp_path):
+    pipe, lines = make_pipeline(tmp_path)
+    assert pipe.run() == 0
+    out = tmp_path / "out"
+    st = states(lines)
+    assert st["cpu-0.5m/linear"] == ["running", "done"] and st["report"] == ["running", "done"]
+    for size in ("cpu-0.5m", "cpu-2m"):
+        art = json.loads((out / size / "refined_schedule.json").read_text())
+        hist = out / size / "linear" / "gradnorms.jsonl"
+        # Provenance points at the baseline's history, by path and by content.
+        assert Path(art["provenance"]["source"]) == hist.resolve()
+        assert art["provenance"]["source_sha256"] == sha256_file(hist)
+        assert art["provenance"]["norm"] == "l1" and art["provenance"]["tau"] == 0.1
+        assert (out / size / "refined_schedule.png").exists()
+        for sched in ("linear", "refined", "cosine"):
+            assert (out / size / sched / "eval.json").exists()
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert {v["state"] for v in state["stages"].values()} == {"done"}
+    md = (out / "report.md").read_text()
+    assert "| cpu-0.5m |" in md and "eval.json" in md
+    assert (out / "report.html").exists() and (out / "plots" / "final_loss_vs_size.png").exists()
+
+    launcher = FakeLauncher()
+    pipe2, lines2 = make_pipeline(tmp_path, launcher)
+    assert pipe2.run() == 0
+    assert launcher.calls == []
+    st2 = states(lines2)
+    assert all(v == ["skipped"] for k, v in st2.items() if k != "report"), st2
+
+
+def test_interrupt_mid_stage_then_resume(tmp_path):
+    launcher = FakeLauncher(interrupt={"cpu-0.5m/refined"})
+    pipe, lines = make_pipeline(tmp_path, launcher)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    assert states(lines)["cpu-0.5m/refined"] == ["running", "interrupted"]
+    state = json.loads((tmp_path / "out" / "pipeline_state.json").read_text())
+    assert state["stages"]["cpu-0.5m/refined"]["state"] == "interrupted"
+    sha_before = sha256_file(tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json")
+
+    pipe2, lines2 = make_pipeline(tmp_path, launcher)
+    assert pipe2.run() == 0
+    st = states(lines2)
+    assert st["cpu-0.5m/linear"] == ["skipped"] and st["cpu-0.5m/refine"] == ["skipped"]
+    assert st["cpu-0.5m/refined"] == ["resumed", "done"]
+    assert launcher.resumed_from["cpu-0.5m/refined"] == "checkpoint-20"
+    assert st["cpu-0.5m/cosine"] == ["running", "done"]
+    assert sha256_file(tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json") == sha_before
+
+
+def test_failed_stage_blocks_dependents_only(tmp_path):
+    launcher = FakeLauncher(fail={"cpu-0.5m/linear"})
+    pipe, lines = make_pipeline(tmp_path, launcher)
+    assert pipe.run() == 1
+    st = states(lines)
+    assert st["cpu-0.5m/linear"] == ["running", "failed"]
+    assert st["cpu-0.5m/refine"] == ["blocked"] and st["cpu-0.5m/refined"] == ["blocked"]
+    assert st["cpu-0.5m/cosine"] == ["running", "done"]  # independent of the baseline
+    assert st["cpu-2m/refined"] == ["running", "done"]  # the other size goes on
+    assert any("RuntimeError: boom" in ln for ln in lines)
+    # The next run retries the failed stage and finishes.
+    pipe2, lines2 = make_pipeline(tmp_path, FakeLauncher())
+    assert pipe2.run() == 0
+    assert states(lines2)["cpu-0.5m/linear"] == ["running", "done"]
+
+
+def test_changed_config_is_refused_not_overwritten(tmp_path):
+    pipe, _ = make_pipeline(tmp_path)
+    assert pipe.run() == 0
+    raw = fake_recipe()
+    raw["pretrain"]["train"]["max_steps"] = 41
+    recipe = parse_recipe(raw, check_pretrain=False)
+    launcher = FakeLauncher()
+    with pytest.raises(UserError, match="different config.*new --out"):
+        Pipeline(recipe, tmp_path / "out", launcher, print_fn=lambda s: None, evaluate_fn=fake_eval).run()
+    assert launcher.calls == []
+
+
+def test_new_baseline_history_reruns_refine(tmp_path):
+    pipe, _ = make_pipeline(tmp_path)
+    assert pipe.run() == 0
+    by = {s.id: s for s in pipe.stages}
+    assert pipe.current_state(by["cpu-0.5m/refine"]) == "skipped"
+    hist = tmp_path / "out" / "cpu-0.5m" / "linear" / "gradnorms.jsonl"
+    hist.write_text(hist.read_text().replace('"l1": 3', '"l1": 7'))
+    assert pipe.current_state(by["cpu-0.5m/refine"]) == "running"
+    # ...and refined runs trained on the old schedule are then refused rather than silently kept.
+    pipe.refine_fn(hist, tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json", norm="l1", tau=0.1)
+    with pytest.raises(UserError, match="older refined_schedule.json"):
+        pipe.current_state(by["cpu-0.5m/refined"])
+
+
+def test_foreign_run_dir_is_refused(tmp_path):
+    rd = tmp_path / "out" / "cpu-0.5m" / "linear"
+    rd.mkdir(parents=True)
+    (rd / "summary.json").write_text("{}")
+    pipe, _ = make_pipeline(tmp_path)
+    with pytest.raises(UserError, match="did not start"):
+        pipe.run()
+
+
+def test_only_stage_checks_dependencies(tmp_path):
+    pipe, lines = make_pipeline(tmp_path)
+    assert pipe.run(only=["cpu-0.5m/refine"]) == 1
+    assert states(lines)["cpu-0.5m/refine"] == ["blocked"]
+    with pytest.raises(UserError, match="unknown stage"):
+        pipe.run(only=["nope"])
+    assert pipe.run(only=["cpu-0.5m/linear"]) == 0
+    assert pipe.run(only=["cpu-0.5m/refine"]) == 0
+    assert (tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json").exists()
+
+
+def test_emit_slurm_scripts_are_valid_and_chained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("launch").mkdir()
+    Path("launch/multinode.yaml").write_text("distributed_type: MULTI_GPU\n")
+    Path("recipes").mkdir()
+    Path("recipes/pretrain.py").write_text("")
+    raw = fake_recipe(
+        seeds=[0, 1],
+        launch={"launcher": "accelerate", "config": "launch/multinode.yaml"},
+        slurm={"nodes": 2, "gpus_per_node": 8, "time": "24:00:00", "partition": "gpu", "setup": ["source venv/bin/activate"]},
+    )
+    recipe_path = tmp_path / "r.yaml"
+    import yaml
+
+    recipe_path.write_text(yaml.safe_dump(raw))
+    pipe = Pipeline(parse_recipe(raw, path=str(recipe_path), check_pretrain=False), tmp_path / "out")
+    submit = emit_slurm(pipe, recipe_arg=str(recipe_path))
+    scripts = sorted(submit.parent.glob("*.sbatch"))
+    assert len(scripts) == len(pipe.stages) == 2 * (6 + 1 + 1) + 1
+    for f in [submit, *scripts]:
+        r = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
+        assert r.returncode == 0, (f, r.stderr)
+    text = submit.read_text()
+    lines = [ln for ln in text.splitlines() if "sbatch" in ln and "=$(" in ln]
+    assert len(lines) == len(scripts)
+    var = {}
+    for ln in lines:
+        name = ln.split()[-1].rstrip(")")
+        var[name] = ln.split("=", 1)[0]
+    refine = next(n for n in var if n.endswith("cpu-0.5m-refine.sbatch"))
+    refine_line = next(ln for ln in lines if ln.endswith(refine + ")"))
+    baseline = next(n for n in var if n.endswith("cpu-0.5m-linear-seed0.sbatch"))
+    assert f"--dependency=afterok:${var[baseline]} " in refine_line
+    refined = next(ln for ln in lines if "cpu-0.5m-refined-seed1" in ln)
+    assert f"--dependency=afterok:${var[refine]} " in refined
+    report = lines[-1]
+    assert report.count("$job") == 2  # after both sizes' evaluate stages
+    first = next(ln for ln in lines if baseline in ln)
+    assert "--dependency" not in first
+    train = (submit.parent / baseline).read_text()
+    assert "#SBATCH --nodes=2" in train and "#SBATCH --gpus-per-node=8" in train and "#SBATCH --partition=gpu" in train
+    assert "srun --ntasks-per-node=1 bash -c" in train and "--machine_rank" in train and "--num_processes" in train
+    assert "--set model.size=cpu-0.5m train.seed=0 schedule.warmup_steps=4 schedule.name=linear'" in train and "source venv/bin/activate" in train
+    ref = (submit.parent / refine).read_text()
+    assert "#SBATCH --nodes=1" in ref
+    assert f"llm-refine pipeline {recipe_path} --out {tmp_path / 'out'} --stage cpu-0.5m/refine" in ref
+    # Markers let a later in-process `llm-refine pipeline` on the same --out recognise the runs.
+    assert (tmp_path / "out" / "cpu-0.5m" / "linear-seed0" / "pipeline_stage.json").exists()
+
+
+def test_main_pipeline_dry_run_and_emit(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(fake_recipe()))
+    monkeypatch.setattr("llm_refine.recipe._check_pretrain", lambda recipe, where: None)
+    parser = add_pipeline_arguments(argparse.ArgumentParser())
+    assert main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "cpu-2m/refine" in out and "would run" in out
+    assert main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--emit", "slurm"])) == 0
+    assert (tmp_path / "o" / "slurm" / "submit.sh").exists()
+    assert "sbatch scripts" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no such accelerate config"):
+        main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--launcher", "accelerate", "--launch-config", "nope.yaml"]))

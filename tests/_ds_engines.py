@@ -109,10 +109,24 @@ def reference(engine, ref_model, x, y) -> tuple[float, float]:
     return norms64([p.grad for p in ref_model.parameters()])
 
 
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 when oneDNN has no fp16 kernels (this machine:
+    ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` is False, so ``deepspeed.initialize`` raises
+    "Type fp16 is not supported on your device."), yet torch runs every op of the tiny model in
+    fp16 on CPU. Overriding the capability check lets real fp16 engines run: dynamic loss scale,
+    overflow detection and skipped steps, all in DeepSpeed's own code."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
 def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
+
+    if case.dtype == "fp16":
+        allow_fp16_on_cpu()
 
     from llm_refine.history import read_jsonl
     from llm_refine.recorder.core import GradNormRecorder
@@ -183,10 +197,29 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
     return out
 
 
+def probe_fp16(world: int) -> dict:
+    """Does DeepSpeed itself accept fp16 on this CPU? (Before allow_fp16_on_cpu patches it.)"""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    out = {"accelerator": get_accelerator()._name, "native": bool(get_accelerator().is_fp16_supported())}
+    model = build_model()
+    try:
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds_config(Case("probe", 0, "fp16"), world)
+        )
+        engine.destroy()
+        out["initialize_error"] = None
+    except ValueError as e:
+        out["initialize_error"] = str(e)
+    return out
+
+
 def worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
     setup_worker_env(rank, world, port)
     init_dist()
-    results = []
+    results = [{"name": "fp16_probe", **probe_fp16(world)}]
     for i, c in enumerate(cases):
         case = Case(**c)
         try:

@@ -198,6 +198,9 @@ class DeepSpeedBackend(NormBackend):
             )
             self._zero3_slices = self._zero3_piece_layout(opt)
         self.needs_reduce = self.reduce_group is not None and self._group_size(self.reduce_group) > 1
+        self._lp_scaled = [False]
+        if self.layout == "lp_params" and engine.fp16_enabled():
+            self._lp_scaled = self._watch_lp_backward(opt)
 
     # -- NormBackend interface -------------------------------------------------------------
 
@@ -242,19 +245,51 @@ class DeepSpeedBackend(NormBackend):
     # -- details -----------------------------------------------------------------------------
 
     def loss_scale(self) -> float:
-        """The factor the optimizer will divide these gradients by before clipping (1.0 unless fp16).
+        """The factor the gradients carry at the step because the loss was scaled (1.0 unless fp16).
 
-        Read from the same attribute each wrapper's own unscale step uses, so that what is recorded
-        is exactly what that step turns the gradient into (ZeRO: ``loss_scale``, which honours a
-        custom/external scale; FP16_Optimizer: ``loss_scale_config.cur_scale``).
+        ZeRO optimizers: ``engine.backward`` multiplies the loss by ``optimizer.loss_scale`` (which
+        honours a custom/external scale) and their ``step`` divides it out again. FP16_Optimizer /
+        FP16_UnfusedOptimizer (ZeRO-0 fp16): their ``step`` always divides by ``cur_scale``, but
+        deepspeed 0.19.8's ``engine.backward`` never calls their ``backward``, so the loss is NOT
+        scaled (see docs/recorder-deepspeed.md). Dividing there would record ‖g‖/cur_scale, a value
+        that halves or doubles with every loss-scale change; so only the scale that really reached
+        the loss is undone: the optimizer's ``backward`` is observed (``_watch_lp_backward``).
         """
         opt = self.ds_engine.optimizer
         if self.layout in ("params", "bf16_opt"):
             return 1.0
         if self.layout == "lp_params":
+            if not self._lp_scaled[0]:
+                return 1.0
+            if getattr(opt, "custom_loss_scaler", False) and getattr(opt, "external_loss_scale", None):
+                return float(opt.external_loss_scale)
             config = getattr(opt, "loss_scale_config", None)
             return float(config.cur_scale if config is not None else getattr(opt, "cur_scale", 1.0))
         return float(opt.loss_scale)
+
+    @staticmethod
+    def _watch_lp_backward(opt) -> list[bool]:
+        """Note when the fp16 optimizer's own ``backward`` (the one that scales the loss) runs.
+
+        Returns a one-element list that turns True at the first such call; the wrapper is shared
+        by every backend built on the same optimizer.
+        """
+        inner = getattr(opt, "backward", None)
+        if inner is None:
+            return [False]
+        seen = getattr(inner, "_llm_refine_seen", None)
+        if seen is not None:
+            return seen
+        seen = [False]
+
+        @functools.wraps(inner)
+        def backward(*args, **kwargs):
+            seen[0] = True
+            return inner(*args, **kwargs)
+
+        backward._llm_refine_seen = seen
+        opt.backward = backward
+        return seen
 
     def _world_size(self) -> int:
         e = self.ds_engine

@@ -51,31 +51,60 @@ def _model(size: str):
         return LlamaForCausalLM(cfg)
 
 
-def trainer_step_times(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int) -> list[float]:
+def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int) -> dict:
+    """Per-step wall times of one Trainer run; with the recorder, also the time spent inside the
+    recorder and inside the Trainer's own norm call, measured in the same steps (robust to the
+    machine's load, unlike comparing separate runs)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
 
-    times: list[float] = []
+    step_t: list[float] = []
+    rec_t: list[float] = []  # per step: recorder capture + flush
+    own_t: list[float] = []  # per step: the Trainer's clip_grad_norm_ call, recorder excluded
+    acc = {"rec": 0.0, "clip": 0.0}
+    gcb = GradNormCallback() if recorder else None
+
+    def timed(fn, key):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t
+        return inner
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if gcb is not None:
+                r = gcb.hook.recorder
+                r.capture, r.flush = timed(r.capture, "rec"), timed(r.flush, "rec")
+                a = gcb.hook.accelerator
+                a.clip_grad_norm_ = timed(a.clip_grad_norm_, "clip")
+
         def on_step_begin(self, args, state, control, **kw):
+            acc["rec"] = acc["clip"] = 0.0
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
+            step_t.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, **kw):  # after the flush of a logging step
+            rec_t.append(acc["rec"])
+            own_t.append(acc["clip"] - acc["rec"])
 
     model = _model(size)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=batch, max_steps=steps, logging_steps=10,
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps, logging_steps=1,
             report_to="none", use_cpu=True, max_grad_norm=clip, save_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, learning_rate=1e-3,
         )
-        cbs = [Timer()] + ([GradNormCallback()] if recorder else [])
+        cbs = ([gcb] if gcb else []) + [Timer()]
         Trainer(model=model, args=args, train_dataset=_data(model.config.vocab_size, seq, steps * batch),
                 callbacks=cbs).train()
-    return times[3:]  # drop warm-up steps
+    # drop warm-up steps; logging_steps=1 so every step flushes (the worst case for the recorder)
+    return {"step": step_t[3:], "rec": rec_t[3:steps], "own": own_t[3:steps]}
 
 
 def isolated(size: str, seq: int, batch: int, reps: int) -> dict:
@@ -134,21 +163,32 @@ def main(argv=None) -> int:
                "GradNormCallback (max_grad_norm=0)": (True, 0.0),
                "Trainer clipping path (max_grad_norm=1, no recorder)": (False, 1.0)}
     per: dict[str, list[float]] = {k: [] for k in configs}
+    rec_t: list[float] = []
+    own_t: list[float] = []
     for _ in range(a.rounds):
         for name, (recorder, clip) in configs.items():
-            per[name] += trainer_step_times(a.size, a.steps, recorder, clip, a.seq, a.batch)
+            r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch)
+            per[name] += r["step"]
+            if recorder:
+                rec_t += r["rec"]
+                own_t += r["own"]
     med = {k: statistics.median(v) for k, v in per.items()}
     base = med["baseline (no recorder, max_grad_norm=0)"]
     print(f"model {a.size}: {iso['params']:,} parameters, seq {a.seq}, batch {a.batch}, 1 thread, "
-          f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}")
-    print("Trainer median step time:")
+          f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
+    print("Trainer median step time (separate runs, interleaved; sensitive to machine load):")
     for k, v in med.items():
         print(f"  {k:55s} {v * 1e3:8.2f} ms  ({v / base:.4f}x baseline)")
+    rec_m, own_m = statistics.median(rec_t), statistics.median(own_t)
+    rec_step = statistics.median(per["GradNormCallback (max_grad_norm=0)"])
+    print("Inside the recorder runs, per step (median; flush every step = worst case):")
+    print(f"  recorder (capture + flush)                {rec_m * 1e3:8.3f} ms = {rec_m / rec_step * 100:6.3f} % of the step")
+    print(f"  Trainer's own norm (clip_grad_norm_(inf)) {own_m * 1e3:8.3f} ms = {own_m / rec_step * 100:6.3f} % of the step")
+    print(f"  recorder / Trainer's own norm             {rec_m / own_m:8.3f}")
     print("Isolated, same gradients (mean of %d calls):" % a.reps)
     print(f"  recorder capture (l1+l2, device buffer)   {iso['capture_s'] * 1e3:8.3f} ms")
     print(f"  Trainer's own norm (clip_grad_norm_(inf)) {iso['trainer_norm_s'] * 1e3:8.3f} ms")
     print(f"  capture / Trainer's own norm              {iso['capture_s'] / iso['trainer_norm_s']:8.3f}")
-    print(f"  capture / median baseline step            {iso['capture_s'] / base * 100:8.3f} %")
     return 0
 
 

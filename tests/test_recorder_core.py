@@ -285,3 +285,77 @@ def test_accelerate_hook_custom_loop_fp32(tmp_path):
             torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
         o.step()
         o.zero_grad()
+
+
+def test_accelerate_hook_loss_scaler_undone_and_skipped_step(tmp_path):
+    """A GradScaler (as accelerate uses for fp16 on GPU; attached by hand on CPU): recorded norms
+    are the unscaled ones, and a step the scaler skips (inf grads) is recorded as skipped."""
+    from accelerate import Accelerator
+
+    from llm_refine import AccelerateGradNormHook
+
+    data = reg_data()
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    torch.manual_seed(0)
+    model = Reg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    hook = AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl", flush_every=10)
+    for i, batch in enumerate(loader):
+        if i == 4:
+            break
+        loss = model(**batch)["loss"]
+        if i == 2:
+            loss = loss * float("inf")  # overflow: the scaler skips this step
+        accelerator.backward(loss)
+        if i == 3:
+            accelerator.clip_grad_norm_(model.parameters(), 0.05)  # capture happens before unscale+clip
+        opt.step()
+        opt.zero_grad()
+    hook.close()
+    meta, records = read_jsonl(tmp_path / "g.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert records[2]["skipped"] is True and "l1" not in records[2]
+    torch.manual_seed(0)
+    m = Reg()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(4):
+        rows = data[step * 4 : (step + 1) * 4]
+        x = torch.stack([r["x"] for r in rows])
+        y = torch.stack([r["labels"] for r in rows])
+        m(x, y)["loss"].backward()
+        if step != 2:
+            l1, l2 = ref_norms(m.parameters())
+            assert close(records[step]["l1"], l1, 1e-5) and close(records[step]["l2"], l2, 1e-5)
+            if step == 3:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            o.step()
+        o.zero_grad()
+
+
+def test_norm_query_answered_from_recorder_only_for_all_params(tmp_path):
+    from accelerate import Accelerator
+
+    from llm_refine import AccelerateGradNormHook
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = Reg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    hook = AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl")
+    batch = reg_data(4)
+    x = torch.stack([r["x"] for r in batch])
+    y = torch.stack([r["labels"] for r in batch])
+    accelerator.backward(model(x, y)["loss"])
+
+    total = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+    assert close(float(total), ref_norms(model.parameters())[1], 1e-6)
+    sub = accelerator.clip_grad_norm_(list(model.l1.parameters()), float("inf"))  # a subset: really computed
+    assert close(float(sub), ref_norms(model.l1.parameters())[1], 1e-6)
+    opt.step()
+    hook.close()
+    _, records = read_jsonl(tmp_path / "g.jsonl")
+    assert [r["step"] for r in records] == [0]

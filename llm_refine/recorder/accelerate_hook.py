@@ -43,6 +43,9 @@ class AccelerateGradNormHook:
     module / DeepSpeed engine; ``AcceleratedOptimizer``). ``start_step``: the 0-based index of the
     next optimizer step (resume: the checkpoint's step count); records past it already in the file
     are dropped. ``step_fn``: overrides the internal counter (the Trainer passes its global_step).
+    ``answer_norm_queries``: answer ``accelerator.clip_grad_norm_(params, inf)`` (a pure norm query,
+    e.g. the Trainer's ``grad_norm`` log without clipping) with the recorder's own ℓ2, so the
+    gradients are not read twice; set False to always run accelerate's own computation.
     """
 
     def __init__(
@@ -58,8 +61,12 @@ class AccelerateGradNormHook:
         norms: Sequence[str] = ("l1", "l2"),
         meta: Mapping[str, Any] | None = None,
         per_group: bool = False,
+        answer_norm_queries: bool = True,
     ):
         self.accelerator = accelerator
+        self.answer_norm_queries = answer_norm_queries
+        self._sums = None
+        self._param_ids: frozenset | None = None
         self.optimizer = optimizer
         self._step = int(start_step)
         self._step_fn = step_fn
@@ -68,9 +75,11 @@ class AccelerateGradNormHook:
         self._restore: list[tuple[Any, str, Any]] = []
 
         n_acc = int(getattr(accelerator, "num_processes", 1))
-        if n_acc != world_size():
+        # torchrun sets WORLD_SIZE; accelerate may leave torch.distributed uninitialised then.
+        n_launched = max(world_size(), int(os.environ.get("WORLD_SIZE", "1") or 1))
+        if n_acc != n_launched:
             raise UserError(
-                f"accelerate reports {n_acc} process(es) but torch.distributed has {world_size()} ranks, so "
+                f"accelerate reports {n_acc} process(es) but {n_launched} were launched, so "
                 "gradients are not reduced across ranks; on a CPU-only machine pass cpu=True to Accelerator "
                 "(use_cpu=True in TrainingArguments)"
             )
@@ -108,8 +117,17 @@ class AccelerateGradNormHook:
     def _capture_once(self) -> None:
         step = self.step
         if self._captured_at != step:
-            self.recorder.capture(step)
+            self._sums = self.recorder.capture(step)
             self._captured_at = step
+
+    def _is_all_params(self, params: list) -> bool:
+        """``params`` are exactly the recorded model's trainable parameters (so the recorder's ℓ2
+        answers a norm query about them)."""
+        if self._sums is None:
+            return False
+        if self._param_ids is None:
+            self._param_ids = frozenset(id(p) for p in self.recorder.backend._params())
+        return frozenset(id(p) for p in params if getattr(p, "requires_grad", False)) == self._param_ids
 
     # -- torch engines: wrap accelerator.clip_grad_norm_ and optimizer.step --------------------------
     def _set(self, obj, name, value):
@@ -124,6 +142,14 @@ class AccelerateGradNormHook:
         def clip_grad_norm_(parameters, max_norm, norm_type=2, *args, **kwargs):
             if acc.sync_gradients:
                 hook._capture_once()  # before clipping: the recorded norm is the pre-clip one
+                if hook.answer_norm_queries and _is_inf(max_norm) and norm_type == 2 and not args and not kwargs:
+                    parameters = list(parameters)
+                    if hook._is_all_params(parameters):
+                        # A call that only asks for the total ℓ2 (the Trainer does this every step
+                        # when max_grad_norm=0): the recorder just computed it, globally reduced,
+                        # so answer from it instead of reading every gradient (and all-reducing) a
+                        # second time. With max_norm=inf the call changes nothing: skipping is safe.
+                        return hook._sums[1].sqrt().float()
             return orig(parameters, max_norm, norm_type, *args, **kwargs)
 
         self._set(acc, "clip_grad_norm_", clip_grad_norm_)
@@ -193,3 +219,10 @@ class AccelerateGradNormHook:
 
 
 _MISSING = object()
+
+
+def _is_inf(x) -> bool:
+    try:
+        return float(x) == float("inf")
+    except (TypeError, ValueError):
+        return False

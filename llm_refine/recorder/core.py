@@ -90,8 +90,10 @@ class GradNormRecorder:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.backend.reduce_group)
         return sums
 
-    def capture(self, step: int) -> None:
-        """Record the current gradients as optimizer step ``step`` (0-based). Call on every rank."""
+    def capture(self, step: int) -> torch.Tensor:
+        """Record the current gradients as optimizer step ``step`` (0-based). Call on every rank.
+
+        Returns the global sums [Σ|g|, Σg²] as a device tensor (no host sync)."""
         if len(self._steps) >= self.flush_every:
             # Flush lazily, at the NEXT capture: by then the caller has had the chance to
             # mark_skipped() the previous step, so a skipped step is never written as norms.
@@ -103,6 +105,7 @@ class GradNormRecorder:
         self._buf[n].copy_(sums.reshape(-1))
         self._steps.append(int(step))
         self.captured += 1
+        return sums
 
     def mark_skipped(self, step: int, reason: str = "fp16 overflow") -> None:
         """The engine skipped optimizer step ``step`` (e.g. inf/nan grads under a loss scaler):

@@ -78,7 +78,7 @@ class TrainConfig:
     save_total_limit: int | None = 2
     log_every: int = 1
     print_every: int = 50  # progress lines on stdout; 0 = none
-    bf16: bool = False
+    bf16: bool | None = None  # None: on when the launcher asks for bf16 (accelerate config mixed_precision: bf16)
     num_threads: int | None = None  # CPU threads per process; None: 1 on CPU (fastest for small models)
     deepspeed: str | dict | None = None  # a DeepSpeed config (file or dict) for the Trainer
     gradient_checkpointing: bool = False
@@ -366,6 +366,12 @@ def _checkpoint_step(ckpt: Path) -> int:
     return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
 
 
+def _use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.bf16 is not None:
+        return bool(cfg.bf16)
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() == "bf16"
+
+
 def _batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro batch per process, gradient accumulation steps) for the global batch."""
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world_size)
@@ -458,7 +464,7 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
         report_to="none",
         disable_tqdm=True,
         use_cpu=not cuda,  # under torchrun on CPU the Trainer only reduces grads with use_cpu=True
-        bf16=cfg.train.bf16,
+        bf16=_use_bf16(cfg.train),
         deepspeed=cfg.train.deepspeed,
         activation_checkpointing=cfg.train.gradient_checkpointing,
         dataloader_num_workers=0,

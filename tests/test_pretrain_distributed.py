@@ -94,3 +94,17 @@ def test_deepspeed_zero2_through_the_trainer(tmp_path):
     assert eng["distributed_type"] == "DEEPSPEED" and eng["world_size"] == 2
     assert eng["zero_stage"] == 2 and eng["model_class"] == "DeepSpeedEngine"
     assert meta["engine"] == "deepspeed" and meta["world_size"] == 2 and meta["zero_stage"] == 2
+
+
+def test_accelerate_launch_with_a_launch_config(tmp_path):
+    """The recipe under ``accelerate launch --config_file launch/single_cpu.yaml``."""
+    out = tmp_path / "acc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "single_cpu.yaml"),
+           str(REPO / "recipes" / "pretrain.py"), str(REPO / "recipes" / "pretrain_tiny.yaml"),
+           "--set", *tiny_overrides(out, "train.eval_every=4", steps=4)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["engine"]["distributed_type"] == "NO"
+    assert [r["step"] for r in history_records(out / "gradnorms.jsonl")] == [0, 1, 2, 3]

@@ -52,17 +52,20 @@ def _model(size: str):
 
 
 def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int) -> dict:
-    """Per-step wall times of one Trainer run; with the recorder, also the time spent inside the
-    recorder and inside the Trainer's own norm call, measured in the same steps (robust to the
-    machine's load, unlike comparing separate runs)."""
+    """Per-step wall times of one Trainer run, plus, measured inside the same steps (robust to
+    the machine's load, unlike comparing separate runs): the time in the Trainer's
+    ``accelerator.clip_grad_norm_`` call (its own norm; with the recorder, the wrapper that
+    captures and answers the query), and the time in the recorder (capture + flush)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
+    from llm_refine.recorder.callback import find_trainer
 
     step_t: list[float] = []
     rec_t: list[float] = []  # per step: recorder capture + flush
-    own_t: list[float] = []  # per step: the Trainer's clip_grad_norm_ call, recorder excluded
-    acc = {"rec": 0.0, "clip": 0.0}
+    clip_t: list[float] = []  # per step: the Trainer's clip_grad_norm_ call (incl. a capture in it)
+    flush_t: list[float] = []
+    acc = {"rec": 0.0, "clip": 0.0, "flush": 0.0}
     gcb = GradNormCallback() if recorder else None
 
     def timed(fn, key):
@@ -76,22 +79,24 @@ def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, ba
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            trainer = find_trainer()
+            a = trainer.accelerator
+            a.clip_grad_norm_ = timed(a.clip_grad_norm_, "clip")
             if gcb is not None:
                 r = gcb.hook.recorder
-                r.capture, r.flush = timed(r.capture, "rec"), timed(r.flush, "rec")
-                a = gcb.hook.accelerator
-                a.clip_grad_norm_ = timed(a.clip_grad_norm_, "clip")
+                r.capture, r.flush = timed(r.capture, "rec"), timed(r.flush, "flush")
 
         def on_step_begin(self, args, state, control, **kw):
-            acc["rec"] = acc["clip"] = 0.0
+            acc.update(rec=0.0, clip=0.0, flush=0.0)
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             step_t.append(time.perf_counter() - self.t)
 
         def on_log(self, args, state, control, **kw):  # after the flush of a logging step
-            rec_t.append(acc["rec"])
-            own_t.append(acc["clip"] - acc["rec"])
+            rec_t.append(acc["rec"] + acc["flush"])
+            clip_t.append(acc["clip"])
+            flush_t.append(acc["flush"])
 
     model = _model(size)
     with tempfile.TemporaryDirectory() as out:
@@ -103,8 +108,8 @@ def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, ba
         cbs = ([gcb] if gcb else []) + [Timer()]
         Trainer(model=model, args=args, train_dataset=_data(model.config.vocab_size, seq, steps * batch),
                 callbacks=cbs).train()
-    # drop warm-up steps; logging_steps=1 so every step flushes (the worst case for the recorder)
-    return {"step": step_t[3:], "rec": rec_t[3:steps], "own": own_t[3:steps]}
+    # drop warm-up steps; logging_steps=1: every step flushes (the worst case for the recorder)
+    return {"step": step_t[3:], "rec": rec_t[3:steps], "clip": clip_t[3:steps], "flush": flush_t[3:steps]}
 
 
 def isolated(size: str, seq: int, batch: int, reps: int) -> dict:
@@ -162,29 +167,31 @@ def main(argv=None) -> int:
     configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0),
                "GradNormCallback (max_grad_norm=0)": (True, 0.0),
                "Trainer clipping path (max_grad_norm=1, no recorder)": (False, 1.0)}
-    per: dict[str, list[float]] = {k: [] for k in configs}
-    rec_t: list[float] = []
-    own_t: list[float] = []
+    per: dict[str, dict[str, list[float]]] = {k: {} for k in configs}
     for _ in range(a.rounds):
         for name, (recorder, clip) in configs.items():
             r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch)
-            per[name] += r["step"]
-            if recorder:
-                rec_t += r["rec"]
-                own_t += r["own"]
-    med = {k: statistics.median(v) for k, v in per.items()}
-    base = med["baseline (no recorder, max_grad_norm=0)"]
+            for key, vals in r.items():
+                per[name].setdefault(key, []).extend(vals)
+    med = {k: {key: statistics.median(v) for key, v in d.items()} for k, d in per.items()}
+    B, R, C = (med[k] for k in configs)
+    base = B["step"]
     print(f"model {a.size}: {iso['params']:,} parameters, seq {a.seq}, batch {a.batch}, 1 thread, "
           f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
     print("Trainer median step time (separate runs, interleaved; sensitive to machine load):")
-    for k, v in med.items():
+    for k in configs:
+        v = med[k]["step"]
         print(f"  {k:55s} {v * 1e3:8.2f} ms  ({v / base:.4f}x baseline)")
-    rec_m, own_m = statistics.median(rec_t), statistics.median(own_t)
-    rec_step = statistics.median(per["GradNormCallback (max_grad_norm=0)"])
-    print("Inside the recorder runs, per step (median; flush every step = worst case):")
-    print(f"  recorder (capture + flush)                {rec_m * 1e3:8.3f} ms = {rec_m / rec_step * 100:6.3f} % of the step")
-    print(f"  Trainer's own norm (clip_grad_norm_(inf)) {own_m * 1e3:8.3f} ms = {own_m / rec_step * 100:6.3f} % of the step")
-    print(f"  recorder / Trainer's own norm             {rec_m / own_m:8.3f}")
+    print("Measured inside the steps (medians; logging_steps=1, so the recorder flushes every step):")
+    print(f"  Trainer's own norm, baseline (clip_grad_norm_(inf))    {B['clip'] * 1e3:7.3f} ms = {B['clip'] / base * 100:6.3f} % of a step")
+    print(f"  Trainer's clipping path (clip_grad_norm_(1.0))         {C['clip'] * 1e3:7.3f} ms = {C['clip'] / base * 100:6.3f} % of a step")
+    print(f"  recorder: capture + flush                              {R['rec'] * 1e3:7.3f} ms = {R['rec'] / base * 100:6.3f} % of a step")
+    print(f"    of which the host flush (.cpu() + JSON line)         {R['flush'] * 1e3:7.3f} ms")
+    print(f"  recorder run: norm call (capture, answers the query)   {R['clip'] * 1e3:7.3f} ms")
+    extra = R["clip"] + R["flush"] - B["clip"]
+    print(f"  net extra per step vs no recorder (norm call + flush - baseline norm call) "
+          f"{extra * 1e3:7.3f} ms = {extra / base * 100:6.3f} % of a step")
+    print(f"  recorder / Trainer's own norm                          {R['rec'] / B['clip']:7.3f}")
     print("Isolated, same gradients (mean of %d calls):" % a.reps)
     print(f"  recorder capture (l1+l2, device buffer)   {iso['capture_s'] * 1e3:8.3f} ms")
     print(f"  Trainer's own norm (clip_grad_norm_(inf)) {iso['trainer_norm_s'] * 1e3:8.3f} ms")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from llm_refine.errors import UserError
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("final_val_loss", "perplexity", "tokens_seen", "wall_time_s", "steps_per_s")}))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(json.dumps({k: summary[k] for k in ("final_val_loss", "perplexity", "tokens_seen", "wall_time_s", "steps_per_s")}))
     return 0
 
 

@@ -329,6 +329,13 @@ def fairness_rows(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
                     same.append(_strip(r.config) == _strip(lin.config))
             same_s = "yes" if same and all(x is True for x in same) else ("unknown" if any(x is None for x in same) else "NO")
             wu = rs[0].schedule_config.get("warmup_steps") or rs[0].schedule_config.get("warmup_ratio")
+            if rs[0].schedule_name == REFINED:
+                # The refined multipliers carry their own warm-up (from the norms); say so.
+                f = rs[0].refined_file
+                art = _read_json(f) if f is not None else None
+                own = _get(art, "diagnostics.warmup_steps") if isinstance(art, dict) else None
+                extra = f"{_fmt_num(wu)} added" if wu else "none added"
+                wu = f"{extra}; schedule's own: {own} steps" if own is not None else extra
             rows.append([
                 size, sched,
                 ", ".join(sorted({_fmt_num(r.peak_lr) for r in rs})),
@@ -336,7 +343,7 @@ def fairness_rows(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
                 ", ".join(map(str, seeds)) or "?",
                 ", ".join(sorted({_fmt_num(r.max_steps) for r in rs})),
                 ", ".join(sorted({_fmt_num(r.tokens_seen) for r in rs})),
-                _fmt_num(wu) if wu else "0",
+                wu if isinstance(wu, str) else (_fmt_num(wu) if wu else "0"),
                 same_s,
             ])
     return header, rows
@@ -574,7 +581,9 @@ def plot_loss_vs_size(runs: list[RunResult], path: Path) -> Path | None:
         return None
     if use_params:
         ax.set_xscale("log")
-        ax.set_xlabel("parameters")
+        ax.minorticks_off()
+        ax.set_xticks([params[s] for s in sizes], [f"{s}\n{_fmt_params(params[s])}" for s in sizes])
+        ax.set_xlabel("model size (parameters, log scale)")
     else:
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_xlabel("model size")
@@ -704,8 +713,8 @@ def build_report(runs: list[RunResult], out: str | os.PathLike, *, title: str = 
                                        "the refined runs used it as it is."))
             items = [f"schedule file: {f}", f"refined from: {prov.get('source', '?')} (sha256 {str(prov.get('source_sha256', '?'))[:12]}…)",
                      f"norm {prov.get('norm', '?')}, tau {prov.get('tau', '?')}, {len(art.get('multipliers', []))} steps"]
-            items += [f"{k}: {v}" for k, v in _flat_scalars(art.get("diagnostics") or {})][:20]
-            items += [f"fit {k}: {v}" for k, v in _flat_scalars(art.get("fit") or {})][:8]
+            items += [f"{k}: {_fmt_num(v)}" for k, v in _flat_scalars(art.get("diagnostics") or {}) if v not in ("", None)][:20]
+            items += [f"fit {k}: {_fmt_num(v)}" for k, v in _flat_scalars(art.get("fit") or {})][:8]
             blocks.append(("h3", size))
             blocks.append(("list", items))
 
@@ -787,3 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,3 +139,34 @@ def test_pipeline_end_to_end_with_interrupt_and_resume(tmp_path):
         p = out / "plots" / f"{name}.png"
         assert p.read_bytes()[:4] == b"\x89PNG" and f"(plots/{name}.png)" in md
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 7
+
+
+@pytest.mark.distributed  # `accelerate launch` starts a training subprocess
+def test_accelerate_launcher_runs_a_stage(tmp_path, monkeypatch):
+    """One stage through `accelerate launch --config_file launch/single_cpu.yaml recipes/pretrain.py`."""
+    import argparse
+
+    from llm_refine.pipeline import add_pipeline_arguments, main_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the launcher runs recipes/pretrain.py from the repository root
+    raw = dict(RECIPE, sizes=["cpu-0.5m"])
+    raw["pretrain"] = {**RECIPE["pretrain"], "train": {**RECIPE["pretrain"]["train"], "max_steps": 12}}
+    f = tmp_path / "r.yaml"
+    import yaml
+
+    f.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    args = add_pipeline_arguments(argparse.ArgumentParser()).parse_args(
+        [str(f), "--out", str(out), "--launch-config", "launch/single_cpu.yaml", "--stage", "cpu-0.5m/linear"]
+    )
+    assert main_pipeline(args) == 0
+    rd = out / "cpu-0.5m" / "linear"
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["schedule"]["name"] == "linear"
+    cfg = json.loads((rd / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 12 and cfg["schedule"]["warmup_steps"] == 3
+    _, recs = read_jsonl(rd / "gradnorms.jsonl")
+    assert [r["step"] for r in recs] == list(range(12))
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert state["stages"]["cpu-0.5m/linear"]["state"] == "done"

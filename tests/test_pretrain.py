@@ -194,3 +194,29 @@ def test_recipe_cli_in_process(tmp_path, capsys):
     assert printed["tokens_seen"] == 4 * 8 * 128
     rc = mod["main"]([str(REPO / "recipes" / "pretrain_tiny.yaml"), "--set", "model.size=nope"])
     assert rc == 2 and "unknown model size" in capsys.readouterr().err
+
+
+@pytest.mark.distributed  # starts a process
+def test_resume_after_sigkill_equals_the_uninterrupted_run(reference_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg_ref, ref, _ = reference_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_pretrain_kill.py"), str(tmp_path), "17"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoint-10").is_dir() and not (tmp_path / "checkpoint-20").exists()
+    cfg = load_pretrain_config(REPO / "recipes" / "pretrain_tiny.yaml", tiny_overrides(tmp_path))
+    summary = run_pretrain(cfg)
+    assert summary["resumed_from_step"] == 10
+    a, b = read_jsonl(ref / "train_log.jsonl"), read_jsonl(tmp_path / "train_log.jsonl")
+    assert [r["step"] for r in b] == list(range(STEPS))
+    assert [(r["lr"], r["batch"]) for r in b] == [(r["lr"], r["batch"]) for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    hb = history_records(tmp_path / "gradnorms.jsonl")
+    assert [r["step"] for r in hb] == list(range(STEPS))
+    assert [r["l2"] for r in hb] == pytest.approx([r["l2"] for r in history_records(ref / "gradnorms.jsonl")], rel=1e-5)
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval_log.jsonl")] == [10, 20, 30]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import sysconfig
@@ -232,9 +231,10 @@ def _prepend(first: str, f) -> Iterator[str]:
 
 def _file_docs(spec: str, text_field: str) -> Iterator[tuple[str, str]]:
     files = expand_paths(spec)
-    base = Path(spec).expanduser()
+    # Keys relative to the files' common folder: moving the data set does not change the split.
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
     for path in files:
-        rel = path.name if path == base else str(path)
+        rel = path.resolve().relative_to(root).as_posix()
         for i, text in enumerate(read_documents(path, text_field)):
             yield f"{rel}:{i}", text
 

@@ -23,12 +23,10 @@ A finished run (``summary.json`` present, same config) returns its summary witho
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

@@ -220,3 +220,14 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(reference_run, tmp_pa
     assert [r["step"] for r in hb] == list(range(STEPS))
     assert [r["l2"] for r in hb] == pytest.approx([r["l2"] for r in history_records(ref / "gradnorms.jsonl")], rel=1e-5)
     assert [r["step"] for r in read_jsonl(tmp_path / "eval_log.jsonl")] == [10, 20, 30]
+
+
+def test_crash_before_the_first_checkpoint_restarts_clean(tmp_path):
+    cfg = load_pretrain_config(None, tiny_overrides(tmp_path, steps=12))
+    with pytest.raises(_Crash):
+        run_pretrain(cfg, callbacks=[_crash_at(6)])
+    assert not list(tmp_path.glob("checkpoint-*")) and read_jsonl(tmp_path / "train_log.jsonl")
+    summary = run_pretrain(cfg)
+    assert summary["resumed_from_step"] == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == list(range(12))
+    assert [r["step"] for r in history_records(tmp_path / "gradnorms.jsonl")] == list(range(12))

@@ -359,3 +359,24 @@ def test_norm_query_answered_from_recorder_only_for_all_params(tmp_path):
     hook.close()
     _, records = read_jsonl(tmp_path / "g.jsonl")
     assert [r["step"] for r in records] == [0]
+
+
+def test_hook_refuses_clipping_it_cannot_see(tmp_path):
+    """If the loop says it clips but never calls accelerator.clip_grad_norm_, the grads at
+    optimizer.step are post-clip: refuse rather than record them."""
+    from accelerate import Accelerator
+
+    from llm_refine import AccelerateGradNormHook
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(Reg())
+    opt = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    hook = AccelerateGradNormHook(accelerator, model, opt, None, expect_clip_call=True)
+    batch = reg_data(4)
+    x = torch.stack([r["x"] for r in batch])
+    y = torch.stack([r["labels"] for r in batch])
+    accelerator.backward(model(x, y)["loss"])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # behind the recorder's back
+    with pytest.raises(UserError, match="clip"):
+        opt.step()
+    hook.close()

@@ -46,6 +46,9 @@ class AccelerateGradNormHook:
     ``answer_norm_queries``: answer ``accelerator.clip_grad_norm_(params, inf)`` (a pure norm query,
     e.g. the Trainer's ``grad_norm`` log without clipping) with the recorder's own ℓ2, so the
     gradients are not read twice; set False to always run accelerate's own computation.
+    ``expect_clip_call``: the loop clips every step, so a step without an
+    ``accelerator.clip_grad_norm_`` call means it clipped some other way: raise instead of
+    recording post-clip norms (the Trainer callback sets it when ``max_grad_norm > 0``).
     """
 
     def __init__(
@@ -62,9 +65,11 @@ class AccelerateGradNormHook:
         meta: Mapping[str, Any] | None = None,
         per_group: bool = False,
         answer_norm_queries: bool = True,
+        expect_clip_call: bool = False,
     ):
         self.accelerator = accelerator
         self.answer_norm_queries = answer_norm_queries
+        self.expect_clip_call = expect_clip_call
         self._sums = None
         self._param_ids: frozenset | None = None
         self.optimizer = optimizer
@@ -162,6 +167,13 @@ class AccelerateGradNormHook:
         def step(opt_self, *args, **kwargs):
             sync = bool(hook.accelerator.sync_gradients)
             if sync:
+                if hook.expect_clip_call and hook._captured_at != hook.step:
+                    # The loop clips (it said so) but not through accelerator.clip_grad_norm_:
+                    # the gradients here are already clipped, so recording them would be wrong.
+                    raise UserError(
+                        "gradients were clipped without accelerator.clip_grad_norm_, so the recorder "
+                        "cannot see the pre-clip gradients; clip with accelerator.clip_grad_norm_"
+                    )
                 hook._capture_once()  # no clip call this step: grads are unclipped here
             out = orig(*args, **kwargs)
             if sync:

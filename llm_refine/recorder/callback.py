@@ -28,7 +28,6 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from .accelerate_hook import AccelerateGradNormHook
-from .backends import world_size
 
 
 def find_trainer(start_frame=None):
@@ -102,7 +101,6 @@ class GradNormCallback(TrainerCallback):
             "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
             "max_grad_norm": float(args.max_grad_norm or 0.0),
             "per_device_train_batch_size": int(args.per_device_train_batch_size),
-            "processes": world_size(),
         }
         self.hook = AccelerateGradNormHook(
             trainer.accelerator,
@@ -115,6 +113,7 @@ class GradNormCallback(TrainerCallback):
             norms=self.norms,
             meta=meta,
             per_group=self.per_group,
+            expect_clip_call=bool(args.max_grad_norm and args.max_grad_norm > 0),
         )
         if self.log_norms:
             self._wrap_log(trainer)

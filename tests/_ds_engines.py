@@ -146,20 +146,21 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
         out["layout"] = backend.layout
         out["meta"] = backend.meta()
         path = os.path.join(out_dir, f"{case.name}.jsonl")
-        recorder = GradNormRecorder(backend, path, flush_every=2)
-        state = {"step": 0, "before": 0, "after": []}
+        # the pattern docs/recorder-deepspeed.md shows for raw loops
+        recorder = GradNormRecorder(backend, path, flush_every=2, resume_after_step=engine.global_steps - 1)
+        state = {"before": 0, "after": [], "before_steps": []}
         scales = []
 
         def before():
             state["before"] += 1
+            state["before_steps"].append(int(engine.global_steps))
             scales.append(backend.loss_scale())
-            recorder.capture(state["step"])
+            recorder.capture(engine.global_steps)
 
         def after(skipped: bool):
             state["after"].append(bool(skipped))
             if skipped:
-                recorder.mark_skipped(state["step"], "overflow")
-            state["step"] += 1
+                recorder.mark_skipped(engine.global_steps - 1, "overflow")
 
         handle = install_step_hook(engine, before, after)
         refs, ds_norms = [], []
@@ -183,6 +184,7 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
             refs=refs,
             ds_norms=ds_norms,
             before_calls=state["before"],
+            before_steps=state["before_steps"],
             skipped=state["after"],
             scales=scales,
             records=read_jsonl(path)[1] if rank == 0 else None,

@@ -229,6 +229,7 @@ def test_engine_norms_match_single_process_reference(engine_runs, name):
     assert meta["gradient_accumulation_steps"] == case.gas and meta["gradient_clipping"] == case.clip
     # one capture per optimizer step (not per micro-batch), skips reported where the engine skipped
     assert r["global_steps"] == case.steps and r["before_calls"] == case.steps
+    assert r["before_steps"] == list(range(case.steps))
     assert r["skipped"] == [s == case.inf_at_step for s in range(case.steps)]
     assert r["hook_removed"]
     records = r["records"]

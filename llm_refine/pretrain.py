@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .data import DataConfig
 from .errors import UserError
 from .fileio import atomic_write_json, atomic_write_text
 from .schedules import ScheduleConfig, make_schedule
@@ -92,16 +93,10 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: "DataConfig" = None  # type: ignore[assignment]
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     output_dir: str = "runs/pretrain"
-
-    def __post_init__(self):
-        from .data import DataConfig
-
-        if self.data is None:
-            self.data = DataConfig()
 
     def to_dict(self) -> dict:
         return {
@@ -178,8 +173,6 @@ def load_pretrain_config(path_or_dict: str | os.PathLike | Mapping | None = None
     schedule ``file`` always means the refined schedule and is made absolute.
     """
     import yaml
-
-    from .data import DataConfig
 
     if path_or_dict is None:
         raw: dict = {}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -38,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -438,6 +438,11 @@ class Pipeline:
         self.state["stages"] = {k: v for k, v in self.state["stages"].items() if k in self.by_id}
 
     def _set(self, stage: Stage, state: str, **info) -> None:
+        # Merge with the file first: SLURM jobs of other stages (`--stage`) may have updated it.
+        on_disk = (_read_json(self.out / STATE_FILE) or {}).get("stages", {})
+        for sid, entry in on_disk.items():
+            if sid in self.by_id and sid != stage.id:
+                self.state["stages"][sid] = entry
         entry = self.state["stages"].setdefault(stage.id, {})
         entry.update(kind=stage.kind, state=state, updated=_now(), **info)
         if stage.run_dir is not None:
@@ -509,14 +514,20 @@ class Pipeline:
                 raise
             except Exception as e:  # a failed stage blocks its dependents, not the other sizes
                 failed_ids.add(stage.id)
-                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                if not isinstance(e, UserError):  # a bug or a crash: keep the traceback visible
+                    traceback.print_exc(file=sys.stderr)
+                msg = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
                 self._set(stage, FAILED, error=msg, wall_s=round(time.time() - t0, 2))
-                self._line(i, stage, FAILED, msg)
-                if isinstance(e, UserError):
-                    raise
+                self._line(i, stage, FAILED, msg.splitlines()[0] if msg else "")
                 continue
             self._set(stage, DONE, wall_s=round(time.time() - t0, 2), finished=_now())
             self._line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
+        counts: dict[str, int] = {}
+        for sid, entry in self.state["stages"].items():
+            if only is None or sid in only:
+                counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+        self.print("pipeline: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                   + (f"; report: {self.out / 'report.md'}" if (self.out / "report.md").exists() else ""))
         return 1 if failed_ids else 0
 
     def _detail(self, stage: Stage) -> str:

@@ -321,3 +321,62 @@ def test_main_pipeline_dry_run_and_emit(tmp_path, monkeypatch, capsys):
     assert "sbatch scripts" in capsys.readouterr().out
     with pytest.raises(UserError, match="no such accelerate config"):
         main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--launcher", "accelerate", "--launch-config", "nope.yaml"]))
+
+
+def test_degenerate_refinement_is_reported_not_hidden(tmp_path):
+    from llm_refine.refine import refine_file
+
+    def degenerate_refine(history, out_file, *, norm, tau):
+        # Norms that collapse late in training: the paper's stated failure mode.
+        steps = 40
+        norms = np.concatenate([np.full(30, 5.0), np.geomspace(5.0, 1e-4, 10)])
+        write_history(history, [{"step": i, "l1": float(n), "l2": float(n)} for i, n in enumerate(norms)])
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return refine_file(history, out_file, norm=norm, tau=0.0)
+
+    lines: list[str] = []
+    recipe = parse_recipe(fake_recipe(sizes=["cpu-0.5m"]), check_pretrain=False)
+    pipe = Pipeline(recipe, tmp_path / "out", FakeLauncher(), print_fn=lines.append, evaluate_fn=fake_eval,
+                    refine_fn=degenerate_refine)
+    assert pipe.run() == 0  # reported, and the refined run still uses it
+    line = next(ln for ln in lines if "cpu-0.5m/refine " in ln and "done" in ln)
+    assert "DEGENERATE (" in line
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "the refinement is DEGENERATE" in md
+    assert (tmp_path / "out" / "cpu-0.5m" / "refined" / "summary.json").exists()
+
+
+def test_user_error_in_a_stage_fails_that_stage_only(tmp_path):
+    from llm_refine.errors import UserError as UE
+
+    class Bad(FakeLauncher):
+        def train(self, stage, base_config_path, recipe):
+            if stage.id == "cpu-2m/cosine":
+                raise UE("cosine: something the user must fix")
+            return super().train(stage, base_config_path, recipe)
+
+    pipe, lines = make_pipeline(tmp_path, Bad())
+    assert pipe.run() == 1
+    st = states(lines)
+    assert st["cpu-2m/cosine"] == ["running", "failed"] and st["cpu-2m/evaluate"] == ["blocked"]
+    assert st["report"] == ["running", "done"]  # the report still covers what finished
+    assert lines[-1].startswith("pipeline: ") and "1 failed" in lines[-1] and "1 blocked" in lines[-1]
+    state = json.loads((tmp_path / "out" / "pipeline_state.json").read_text())
+    assert state["stages"]["cpu-2m/cosine"]["error"] == "cosine: something the user must fix"
+
+
+def test_lr_sweep_and_seeds_through_the_pipeline(tmp_path):
+    raw = fake_recipe(sizes=["cpu-0.5m"], seeds=[0, 1], lr_multipliers=[0.5, 1.0],
+                      size_overrides={"cpu-0.5m": ["train.learning_rate=0.002"]})
+    recipe = parse_recipe(raw, check_pretrain=False)
+    by = {s.id: s for s in plan(recipe, tmp_path)}
+    ov = overrides_dict(by["cpu-0.5m/cosine-lr0.5-seed1"].overrides)
+    assert float(ov["train.learning_rate"]) == pytest.approx(1e-3)  # 0.5 × the size's own LR
+    assert float(overrides_dict(by["cpu-0.5m/cosine-lr1-seed1"].overrides)["train.learning_rate"]) == 0.002
+    pipe = Pipeline(recipe, tmp_path / "out", FakeLauncher(), print_fn=lambda s: None, evaluate_fn=fake_eval)
+    assert pipe.run() == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Peak-LR sweep" in md and "(n=2)" in md

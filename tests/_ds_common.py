@@ -15,9 +15,42 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for the rendezvous, chosen BELOW the kernel's ephemeral range.
+
+    A port from ``bind(("", 0))`` comes from the ephemeral range (32768-60999 here), which every
+    outgoing connection also draws from: other sessions' gloo meshes open many such connections,
+    and one of them can take the port in the seconds between this probe and rank 0's TCPStore
+    bind. A random port from 20000-32000 (that is free now) avoids that race.
+    """
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything taken: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(fn, args: tuple, world: int) -> None:
+    """``torch.multiprocessing.spawn`` with a fresh rendezvous port as ``args[1]``; retried once
+    when (and only when) the port was taken by someone else before rank 0 could bind it."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(2):
+        try:
+            mp.spawn(fn, args=(args[0], free_port(), *args[1:]), nprocs=world, join=True)
+            return
+        except Exception as e:  # ProcessRaisedException carries the child's traceback text
+            if attempt == 0 and "address already in use" in str(e).lower():
+                continue
+            raise
 
 
 def setup_worker_env(rank: int, world: int, port: int) -> None:
@@ -57,11 +90,14 @@ def skip_shm_comm_build() -> None:
 
 
 def init_dist() -> None:
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
     skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
+    # A rank that fails while its peer waits in a collective should end the test, not hang it.
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=180))
     assert dist.get_backend() == "gloo" and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
 
 

@@ -56,7 +56,15 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def run_trainer(stage: int, gas: int, clip: float, steps: int, out_dir: str, rank: int, world: int) -> dict:
+class Crash(Exception):
+    pass
+
+
+def run_trainer(
+    stage: int, gas: int, clip: float, steps: int, out_dir: str, rank: int, world: int, *,
+    run_dir: str | None = None, save_steps: int | None = None, crash_at: int | None = None,
+    resume_from: str | None = None,
+) -> dict:
     import deepspeed
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -93,19 +101,31 @@ def run_trainer(stage: int, gas: int, clip: float, steps: int, out_dir: str, ran
             self.ref_model(input_ids=ids, labels=ids).loss.backward()
             self.refs[step] = norms64([p.grad for p in self.ref_model.parameters()])
 
-    run_dir = os.path.join(out_dir, f"zero{stage}")
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if crash_at is not None and state.global_step == crash_at:
+                raise Crash(f"simulated crash after step {crash_at}")
+
+    run_dir = os.path.join(out_dir, run_dir or f"zero{stage}")
     args = TrainingArguments(
         output_dir=run_dir, per_device_train_batch_size=PER_DEVICE, gradient_accumulation_steps=gas,
         max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, max_grad_norm=clip,
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0, learning_rate=1e-2,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_only_model=False,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, learning_rate=1e-2,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, deepspeed=ds_config(stage),
     )
     ref = Reference()
-    trainer = SeqTrainer(model=tiny_llama(), args=args, train_dataset=data, callbacks=[GradNormCallback(), ref])
+    trainer = SeqTrainer(
+        model=tiny_llama(), args=args, train_dataset=data, callbacks=[GradNormCallback(), ref, CrashAt()]
+    )
     ref.trainer = trainer
     engine = None
     try:
-        trainer.train()
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(run_dir, resume_from) if resume_from else None)
+            crashed = False
+        except Crash:
+            crashed = True
         engine = trainer.model_wrapped
         out = {
             "stage": int(engine.zero_optimization_stage()),
@@ -118,6 +138,8 @@ def run_trainer(stage: int, gas: int, clip: float, steps: int, out_dir: str, ran
             "refs": {str(k): v for k, v in sorted(ref.refs.items())},
             "log_history": trainer.state.log_history,
             "history_path": os.path.join(run_dir, "gradnorms.jsonl"),
+            "crashed": crashed,
+            "records": read_records(os.path.join(run_dir, "gradnorms.jsonl")) if rank == 0 else None,
         }
     finally:
         if engine is None:
@@ -126,6 +148,80 @@ def run_trainer(stage: int, gas: int, clip: float, steps: int, out_dir: str, ran
             engine.destroy()
         reset_accelerate()
     return out
+
+
+def run_accelerate_loop(stage: int, gas: int, clip: float, steps: int, out_dir: str, rank: int, world: int) -> dict:
+    """A custom accelerate loop (``Accelerator(deepspeed_plugin=...)``) with
+    ``AccelerateGradNormHook``; the reference is taken before each optimizer step's first micro-batch."""
+    import deepspeed
+    import torch
+    from accelerate import Accelerator, DeepSpeedPlugin, PartialState
+
+    from llm_refine import AccelerateGradNormHook
+
+    data = dataset(PER_DEVICE * world * gas * steps)
+    config = {
+        "train_micro_batch_size_per_gpu": PER_DEVICE,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": PER_DEVICE * gas * world,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    # On a CPU-only machine: the process state on CPU (gloo, 2 processes), then an Accelerator
+    # WITHOUT cpu=True. Accelerator(cpu=True, deepspeed_plugin=...) silently gives plain DDP
+    # (accelerate/state.py only takes the DeepSpeed path when "not cpu"); this is what the
+    # Trainer does with use_cpu=True.
+    PartialState(cpu=True)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+    model = tiny_llama()
+    ref_model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(data, batch_size=PER_DEVICE, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    path = os.path.join(out_dir, f"accelerate_zero{stage}", "gradnorms.jsonl")
+    hook = AccelerateGradNormHook(accelerator, model, optimizer, path, flush_every=2)
+    refs = {}
+    try:
+        for micro, batch in enumerate(loader):
+            if micro % gas == 0:
+                step = micro // gas
+                params = list(model.module.parameters())
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    with torch.no_grad():
+                        for p_ref, p in zip(ref_model.parameters(), params):
+                            p_ref.copy_(p.detach().float().reshape(p_ref.shape))
+                rows = data[step * world * gas * PER_DEVICE : (step + 1) * world * gas * PER_DEVICE]
+                ids = torch.stack([r["input_ids"] for r in rows])
+                ref_model.zero_grad(set_to_none=True)
+                ref_model(input_ids=ids, labels=ids).loss.backward()
+                refs[str(step)] = norms64([p.grad for p in ref_model.parameters()])
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        hook.close()
+        return {
+            "stage": int(model.zero_optimization_stage()),
+            "is_engine": isinstance(model, deepspeed.DeepSpeedEngine),
+            "distributed_type": str(accelerator.distributed_type),
+            "num_processes": int(accelerator.num_processes),
+            "global_step": int(model.global_steps),
+            "refs": refs,
+            "history_path": path,
+            "records": read_records(path) if rank == 0 else None,
+        }
+    finally:
+        if hasattr(model, "destroy"):
+            model.destroy()
+        reset_accelerate()
+
+
+def read_records(path: str) -> list[dict]:
+    from llm_refine.history import read_jsonl
+
+    return read_jsonl(path)[1] if os.path.exists(path) else []
 
 
 def reset_accelerate() -> None:
@@ -143,7 +239,8 @@ def worker(rank: int, world: int, port: int, runs: list[dict], out_dir: str) -> 
     results = []
     for run in runs:
         try:
-            results.append({"name": run["name"], **run_trainer(rank=rank, world=world, out_dir=out_dir, **run["kw"])})
+            fn = run_accelerate_loop if run.get("kind") == "accelerate" else run_trainer
+            results.append({"name": run["name"], **fn(rank=rank, world=world, out_dir=out_dir, **run["kw"])})
         except Exception:
             results.append({"name": run["name"], "error": error_text()})
     if rank == 0:
@@ -153,10 +250,8 @@ def worker(rank: int, world: int, port: int, runs: list[dict], out_dir: str) -> 
 
 
 def main(out_dir: str, runs: list[dict], world: int = 2) -> list[dict]:
-    import torch.multiprocessing as mp
+    from _ds_common import spawn
 
-    from _ds_common import free_port
-
-    mp.spawn(worker, args=(world, free_port(), runs, out_dir), nprocs=world, join=True)
+    spawn(worker, (world, runs, out_dir), world)
     with open(os.path.join(out_dir, "trainer_results.json")) as f:
         return json.load(f)

@@ -262,7 +262,12 @@ def test_engine_norms_match_single_process_reference(engine_runs, name):
 TRAINER_RUNS = [
     {"name": "trainer_zero2_acc2_clip", "kw": {"stage": 2, "gas": 2, "clip": 1e-3, "steps": 3}},
     {"name": "trainer_zero3", "kw": {"stage": 3, "gas": 1, "clip": 0.0, "steps": 3}},
+    {"name": "accelerate_zero3_acc2_clip", "kind": "accelerate", "kw": {"stage": 3, "gas": 2, "clip": 1e-3, "steps": 3}},
+    # crash after the 3rd optimizer step (checkpoint-2 exists), then resume from checkpoint-2
+    {"name": "crash", "kw": {"stage": 2, "gas": 1, "clip": 0.0, "steps": 5, "run_dir": "resume", "save_steps": 2, "crash_at": 3}},
+    {"name": "resume", "kw": {"stage": 2, "gas": 1, "clip": 0.0, "steps": 5, "run_dir": "resume", "save_steps": 2, "resume_from": "checkpoint-2"}},
 ]
+TRAINER_BY_NAME = {r["name"]: r for r in TRAINER_RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -273,29 +278,65 @@ def trainer_runs(tmp_path_factory):
     return {r["name"]: r for r in results}
 
 
-@needs_deepspeed
-@pytest.mark.distributed
-@pytest.mark.parametrize("run", TRAINER_RUNS, ids=[r["name"] for r in TRAINER_RUNS])
-def test_trainer_with_deepspeed_records_every_optimizer_step(trainer_runs, run):
-    from llm_refine.history import read_jsonl
-
-    r = trainer_runs[run["name"]]
-    kw = run["kw"]
+def _check_engine_run(r, kw):
     assert "error" not in r, r.get("error")
     assert r["is_engine"] and r["stage"] == kw["stage"]
     assert r["distributed_type"].endswith("DEEPSPEED") and r["num_processes"] == 2
+
+
+def _check_against_refs(records, refs):
+    for rec in records:
+        ref = refs[str(rec["step"])]
+        assert _rel(rec["l1"], ref[0]) <= FP32_TOL, (rec, ref)
+        assert _rel(rec["l2"], ref[1]) <= FP32_TOL, (rec, ref)
+
+
+@needs_deepspeed
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["trainer_zero2_acc2_clip", "trainer_zero3"])
+def test_trainer_with_deepspeed_records_every_optimizer_step(trainer_runs, name):
+    from llm_refine.history import read_jsonl
+
+    r, kw = trainer_runs[name], TRAINER_BY_NAME[name]["kw"]
+    _check_engine_run(r, kw)
     assert r["engine_gas"] == kw["gas"] and r["engine_clip"] == kw["clip"]
-    assert r["global_step"] == kw["steps"]
+    assert r["global_step"] == kw["steps"] and not r["crashed"]
     meta, records = read_jsonl(r["history_path"])
     assert meta["engine"] == "deepspeed" and meta["zero_stage"] == kw["stage"]
     assert [rec["step"] for rec in records] == list(range(kw["steps"]))  # one per optimizer step
+    _check_against_refs(records, r["refs"])
     logs = [h for h in r["log_history"] if "loss" in h]
     assert len(logs) == kw["steps"]
     for rec, log in zip(records, logs):
-        ref = r["refs"][str(rec["step"])]
-        assert _rel(rec["l1"], ref[0]) <= FP32_TOL, (rec, ref)
-        assert _rel(rec["l2"], ref[1]) <= FP32_TOL, (rec, ref)
         assert log["grad_l1_norm"] == rec["l1"] and log["grad_l2_norm"] == rec["l2"]
         assert _rel(rec["l2"], float(log["grad_norm"])) <= 1e-6  # the Trainer's (DeepSpeed's) pre-clip ℓ2
         if kw["clip"]:
-            assert ref[1] > 100 * kw["clip"]
+            assert r["refs"][str(rec["step"])][1] > 100 * kw["clip"]  # clipped, yet pre-clip recorded
+
+
+@needs_deepspeed
+@pytest.mark.distributed
+def test_accelerate_loop_with_deepspeed(trainer_runs):
+    r, kw = trainer_runs["accelerate_zero3_acc2_clip"], TRAINER_BY_NAME["accelerate_zero3_acc2_clip"]["kw"]
+    _check_engine_run(r, kw)
+    assert r["global_step"] == kw["steps"]
+    assert [rec["step"] for rec in r["records"]] == list(range(kw["steps"]))
+    _check_against_refs(r["records"], r["refs"])
+    assert min(ref[1] for ref in r["refs"].values()) > 100 * kw["clip"]
+
+
+@needs_deepspeed
+@pytest.mark.distributed
+def test_trainer_deepspeed_resume_keeps_history_without_gap_or_duplicate(trainer_runs):
+    crash, resume = trainer_runs["crash"], trainer_runs["resume"]
+    _check_engine_run(crash, TRAINER_BY_NAME["crash"]["kw"])
+    _check_engine_run(resume, TRAINER_BY_NAME["resume"]["kw"])
+    assert crash["crashed"] and crash["global_step"] == 3
+    assert [rec["step"] for rec in crash["records"]] == [0, 1, 2]  # flushed before the crash
+    assert not resume["crashed"] and resume["global_step"] == 5
+    # checkpoint-2 is global step 2: step 2 is recorded again (once), 3 and 4 follow
+    assert [rec["step"] for rec in resume["records"]] == [0, 1, 2, 3, 4]
+    assert resume["records"][:2] == crash["records"][:2]
+    assert sorted(resume["refs"]) == ["2", "3", "4"]
+    _check_against_refs(resume["records"][2:], resume["refs"])
+    _check_against_refs(crash["records"], crash["refs"])

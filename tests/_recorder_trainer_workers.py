@@ -74,7 +74,8 @@ class Crash(Exception):
     pass
 
 
-def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, crash_at=None, save_steps=None, extra_callbacks=()):
+def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, fsdp1=False, crash_at=None, save_steps=None,
+                 extra_callbacks=()):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
@@ -85,8 +86,8 @@ def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, crash_at=None, save
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            if fsdp2:
-                patch_accelerate_fsdp2(self)
+            if fsdp2 or fsdp1:
+                patch_accelerate_fsdp(self, version=2 if fsdp2 else 1)
 
     class CrashAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -96,6 +97,8 @@ def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, crash_at=None, save
     kw = {}
     if fsdp2:
         kw = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    if fsdp1:
+        kw = {"fsdp": "full_shard", "fsdp_config": {"version": 1, "sync_module_states": False}}
     args = TrainingArguments(
         output_dir=outdir, per_device_train_batch_size=PER_DEVICE, gradient_accumulation_steps=accum,
         max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, max_grad_norm=clip,
@@ -107,8 +110,8 @@ def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, crash_at=None, save
                       callbacks=[GradNormCallback(), CrashAt(), *extra_callbacks])
 
 
-def patch_accelerate_fsdp2(trainer):
-    """Test-only: make accelerate take its real FSDP2 path on a CPU-only machine."""
+def patch_accelerate_fsdp(trainer, version):
+    """Test-only: make accelerate take its real FSDP path on a CPU-only machine."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -119,15 +122,9 @@ def patch_accelerate_fsdp2(trainer):
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     trainer.is_fsdp_enabled = True
-
-
-def unpatch_accelerate_fsdp2():
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
-    AcceleratorState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
-    AcceleratorState._shared_state.pop("fsdp_plugin", None)
+    if version == 1:
+        state.device = torch.device("cpu")
+        PartialState._shared_state["device"] = torch.device("cpu")
 
 
 def read_history(path):
@@ -146,6 +143,13 @@ def run_trainer_case(outdir, **kw):
 
     out["is_ddp"] = isinstance(wrapped, DDP)
     out["is_fsdp2"] = isinstance(trainer.model, FSDPModule)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out["is_fsdp1"] = isinstance(wrapped, FSDP)
+    if out["is_fsdp1"]:
+        out["fsdp1_strategy"] = wrapped.sharding_strategy.name
+        out["sharded"] = any(u._flat_param._sharded_size.numel() < u._flat_param._unpadded_unsharded_size.numel()
+                             for u in FSDP.fsdp_modules(wrapped) if getattr(u, "_flat_param", None) is not None)
     out["distributed_type"] = str(trainer.accelerator.distributed_type)
     if isinstance(trainer.model, FSDPModule):
         w = trainer.model.l1.weight
@@ -213,6 +217,7 @@ def trainer_worker(rank: int, world: int, port: int, outdir: str) -> None:
         ("resume", resume_case),
         ("accelerate_ddp", accelerate_case),
         ("fsdp2_accum2_clip", lambda d: run_trainer_case(d, steps=3, accum=2, clip=0.05, fsdp2=True)),
+        ("fsdp1_accum2_clip", lambda d: run_trainer_case(d, steps=3, accum=2, clip=0.05, fsdp1=True)),
     ]
     for name, fn in cases:
         d = os.path.join(outdir, name)

@@ -1,4 +1,4 @@
-"""GradNormCallback under the HF Trainer (DDP, FSDP2 via the test-only patch, resume) and the
+"""GradNormCallback under the HF Trainer (DDP, FSDP2 and FSDP1 via the test-only patch, resume) and the
 accelerate hook in a custom DDP loop: 2 processes, gloo, one spawn."""
 
 from __future__ import annotations
@@ -73,6 +73,16 @@ def test_trainer_fsdp2(run):
     ref = W.reference_run(3, 2 * W.PER_DEVICE, 2, 0.05)
     meta, _ = check_history(out / "fsdp2_accum2_clip" / "gradnorms.jsonl", ref)
     assert meta["engine"] == "fsdp2" and meta["fsdp_strategy"] == "FULLY_SHARD"
+
+
+def test_trainer_fsdp1(run):
+    out, results = run
+    res = _ok(results, "fsdp1_accum2_clip")
+    assert res["is_fsdp1"] and res["sharded"] and res["fsdp1_strategy"] == "FULL_SHARD"
+    assert "FSDP" in res["distributed_type"]
+    ref = W.reference_run(3, 2 * W.PER_DEVICE, 2, 0.05)
+    meta, _ = check_history(out / "fsdp1_accum2_clip" / "gradnorms.jsonl", ref)
+    assert meta["engine"] == "fsdp1" and meta["fsdp_strategy"] == "FULL_SHARD"
 
 
 def test_trainer_resume_history_matches_uninterrupted(run):

@@ -725,7 +725,8 @@ def main_pipeline(args: argparse.Namespace) -> int:
                 state = pipe.current_state(st)
             except UserError as e:
                 state = f"conflict: {e}"
-            pipe._line(i, st, "would skip" if state == SKIPPED else f"would run ({state})")
+            verb = {SKIPPED: "would skip", RESUMED: "would resume", RUNNING: "would run"}.get(state, state)
+            pipe._line(i, st, verb)
         return 0
     pipe.launcher = make_launcher(recipe, launcher_name, launch_config)
     return pipe.run(only=getattr(args, "stage", None))

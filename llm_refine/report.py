@@ -166,8 +166,13 @@ def load_run(run_dir: Path) -> RunResult | None:
     )
 
 
-def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunResult]:
-    """Every finished run at or below ``dirs`` (checkpoint folders are not searched)."""
+def collect_runs(dirs: Iterable[str | os.PathLike], *, tag_sources: bool = False) -> list[RunResult]:
+    """Every finished run at or below ``dirs`` (checkpoint folders are not searched).
+
+    ``tag_sources``: prefix each run's size with the name of the DIR it was found under
+    (``a/cpu-2m``), so runs of separate sweeps are compared side by side instead of being pooled as
+    if they were extra seeds.
+    """
     runs: list[RunResult] = []
     seen: set[Path] = set()
     for d in dirs:
@@ -182,6 +187,8 @@ def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunResult]:
             r = load_run(rd)
             if r is not None:
                 seen.add(rd)
+                if tag_sources:
+                    r.size = f"{d.resolve().name}/{r.size}"
                 runs.append(r)
     return runs
 
@@ -779,7 +786,7 @@ def main_compare(args: argparse.Namespace) -> int:
         if len(dirs) != 1:
             raise UserError("compare: several DIRs given; pass --out DIR for the report")
         out = dirs[0]
-    runs = collect_runs(dirs)
+    runs = collect_runs(dirs, tag_sources=len(dirs) > 1)
     title = getattr(args, "title", None) or f"llm-refine comparison: {', '.join(d.name or str(d) for d in dirs)}"
     paths = build_report(runs, out, title=title)
     print(f"{len(runs)} runs -> {paths['markdown']}, {paths['html']}, {len(paths['plots'])} plots in {out / 'plots'}")

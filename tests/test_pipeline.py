@@ -142,6 +142,10 @@ def test_plan_order_dirs_and_dependencies(tmp_path):
 def test_single_seed_and_lr_give_plain_dir_names(tmp_path):
     stages = plan(parse_recipe(fake_recipe(), check_pretrain=False), tmp_path)
     assert [s.run_dir.name for s in stages if s.kind == "train"][:3] == ["linear", "refined", "cosine"]
+    # Without evaluation the report follows the training stages directly.
+    stages = plan(parse_recipe(fake_recipe(evaluate=False), check_pretrain=False), tmp_path)
+    assert not any(s.kind == "evaluate" for s in stages)
+    assert stages[-1].deps == [s.id for s in stages if s.kind == "train"]
 
 
 def test_full_run_then_rerun_skips_everything(tmp_path):

@@ -218,3 +218,15 @@ def test_smooth_keeps_length_and_constant():
     noisy = np.sin(np.arange(200)) + 5
     s = smooth(noisy, 20)
     assert s.shape == noisy.shape and s[50:150].std() < noisy.std() / 3
+
+
+def test_compare_keeps_separate_sweeps_apart(tmp_path):
+    import argparse
+
+    make_sweep(tmp_path / "a", seeds=(0,), sizes=("cpu-0.5m",))
+    make_sweep(tmp_path / "b", seeds=(0,), sizes=("cpu-0.5m",), losses={"linear": 3.0, "refined": 2.9, "cosine": 3.1})
+    assert main_compare(argparse.Namespace(dirs=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "c"), title=None)) == 0
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "| a/cpu-0.5m | 400.0K | 4.0000 |" in md and "| b/cpu-0.5m | 400.0K | 3.0000 |" in md
+    assert "(n=2)" not in md  # not pooled as if they were two seeds
+    assert (tmp_path / "c" / "plots" / "schedules-a-cpu-0.5m.png").exists()

@@ -14,10 +14,12 @@ Sources (``DataConfig.source``):
   ``train`` split up to the budget, validation from its ``validation`` split.
 
 Every document is tokenized, followed by the end-of-sequence id, concatenated, and cut into rows of
-``seq_len`` tokens (the tail that does not fill a row is dropped). The packed arrays are cached
-under ``$LLM_REFINE_CACHE/data/<key>/`` where the key hashes the documents (their content for the
-embedded corpus; path, size and mtime for local files; the dataset name and budget for C4), the
-tokenizer's fingerprint and every setting, so a cached load is one ``np.load`` of a memory map.
+``seq_len`` tokens (the tail that does not fill a row is dropped), streaming: documents are read,
+tokenized and written in batches, so a corpus of many GB never has to fit in memory. The packed
+rows are cached under ``$LLM_REFINE_CACHE/data/<key>/`` (``train.bin``, ``val.bin``, ``meta.json``
+written last) where the key hashes the documents (their content for the embedded corpus; path,
+size and mtime for local files; the dataset name and budget for C4), the tokenizer's fingerprint
+and every setting, so a cached load is a memory map (milliseconds).
 
 Order: `PackedDataset` presents the training rows as one long sequence of epochs, each a
 permutation drawn from ``(seed, epoch)``. The Trainer reads it sequentially (see
@@ -33,7 +35,10 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+import sys
 import sysconfig
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +53,7 @@ from .tokenizer import Tokenizer, cache_dir, get_tokenizer, load_hf_tokenizer, l
 SOURCES = ("embedded", "files", "c4")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-DATA_FORMAT_VERSION = 1  # bump when packing changes, to invalidate old caches
+DATA_FORMAT_VERSION = 2  # bump when packing changes, to invalidate old caches
 
 
 @dataclass
@@ -127,31 +132,46 @@ def embedded_files() -> list[tuple[str, Path]]:
     return found
 
 
-def _take(docs: Iterable[tuple[str, str]], budget: int | None) -> list[tuple[str, str]]:
-    out, total = [], 0
+Doc = tuple[str, str, bool]  # (key, text, is held out)
+
+
+def _take(docs: Iterable[tuple[str, str]], budget: int | None) -> Iterator[tuple[str, str]]:
+    """Documents until ``budget`` characters have been taken (lazily: a stream stops early)."""
+    total = 0
     for key, text in docs:
         if budget is not None and total >= budget:
-            break
-        out.append((key, text))
+            return
+        yield key, text
         total += len(text)
-    return out
 
 
-def _embedded_docs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    train, val = [], []
+def _interleaved(docs: Iterable[tuple[str, str]], cfg: "DataConfig") -> Iterator[Doc]:
+    """Split one stream by the hash of each key, each side up to its budget."""
     nt = nv = 0
-    for rel, path in embedded_files():
-        if cfg.max_train_chars is not None and nt >= cfg.max_train_chars and \
-                cfg.max_val_chars is not None and nv >= cfg.max_val_chars:
-            break
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if is_validation(rel, cfg.val_fraction):
-            if cfg.max_val_chars is None or nv < cfg.max_val_chars:
-                val.append((rel, text))
+    for key, text in docs:
+        done_t = cfg.max_train_chars is not None and nt >= cfg.max_train_chars
+        done_v = cfg.max_val_chars is not None and nv >= cfg.max_val_chars
+        if done_t and done_v:
+            return
+        if is_validation(key, cfg.val_fraction):
+            if not done_v:
                 nv += len(text)
-        elif cfg.max_train_chars is None or nt < cfg.max_train_chars:
-            train.append((rel, text))
+                yield key, text, True
+        elif not done_t:
             nt += len(text)
+            yield key, text, False
+
+
+def _embedded_stream(cfg: "DataConfig") -> Iterator[Doc]:
+    files = embedded_files()
+    return _interleaved(((rel, path.read_text(encoding="utf-8", errors="replace")) for rel, path in files), cfg)
+
+
+def _embedded_docs(cfg: "DataConfig") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training, validation) documents of the embedded corpus, as lists."""
+    train, val = [], []
+    for key, text, held_out in _embedded_stream(cfg):
+        (val if held_out else train).append((key, text))
     return train, val
 
 
@@ -183,10 +203,11 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise UserError(f"{path}: no column {text_field!r} (columns: {table.column_names}); set data.text_field")
-        yield from (t for t in table.column(text_field).to_pylist() if t)
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise UserError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set data.text_field")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if t)
         return
     opener = gzip.open if name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -239,76 +260,66 @@ def _file_docs(spec: str, text_field: str) -> Iterator[tuple[str, str]]:
             yield f"{rel}:{i}", text
 
 
-def _files_docs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    if cfg.val_path:
-        return _take(_file_docs(cfg.path, cfg.text_field), cfg.max_train_chars), \
-            _take(_file_docs(cfg.val_path, cfg.text_field), cfg.max_val_chars)
-    train, val, nt, nv = [], [], 0, 0
-    for key, text in _file_docs(cfg.path, cfg.text_field):
-        done_t = cfg.max_train_chars is not None and nt >= cfg.max_train_chars
-        done_v = cfg.max_val_chars is not None and nv >= cfg.max_val_chars
-        if done_t and done_v:
-            break
-        if is_validation(key, cfg.val_fraction):
-            if not done_v:
-                val.append((key, text))
-                nv += len(text)
-        elif not done_t:
-            train.append((key, text))
-            nt += len(text)
-    return train, val
+def _files_stream(cfg: "DataConfig") -> Iterator[Doc]:
+    if not cfg.val_path:
+        yield from _interleaved(_file_docs(cfg.path, cfg.text_field), cfg)
+        return
+    for k, t in _take(_file_docs(cfg.path, cfg.text_field), cfg.max_train_chars):
+        yield k, t, False
+    for k, t in _take(_file_docs(cfg.val_path, cfg.text_field), cfg.max_val_chars):
+        yield k, t, True
 
 
-def _c4_docs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _c4_stream(cfg: "DataConfig") -> Iterator[Doc]:
     """C4 through ``datasets`` streaming: needs network (or the HF cache) the first time only."""
+    if cfg.max_train_chars is None or cfg.max_val_chars is None:
+        raise UserError("data.source 'c4' needs data.max_train_chars and data.max_val_chars (C4 is ~800 GB)")
     import datasets
 
-    def stream(split: str, budget: int | None) -> list[tuple[str, str]]:
-        if budget is None:
-            raise UserError("data.source 'c4' needs data.max_train_chars and data.max_val_chars (C4 is ~800 GB)")
+    for split, budget, held_out in (("train", cfg.max_train_chars, False), ("validation", cfg.max_val_chars, True)):
         ds = datasets.load_dataset(cfg.c4_name, cfg.c4_config, split=split, streaming=True)
-        return _take(((f"{split}:{i}", ex[cfg.text_field]) for i, ex in enumerate(ds)), budget)
+        for k, t in _take(((f"{split}:{i}", ex[cfg.text_field]) for i, ex in enumerate(ds)), budget):
+            yield k, t, held_out
 
-    return stream("train", cfg.max_train_chars), stream("validation", cfg.max_val_chars)
+
+def document_stream(cfg: "DataConfig") -> Iterator[Doc]:
+    """Every document of the run, once, in a fixed order, as (key, text, held out)."""
+    if cfg.source == "embedded":
+        return _embedded_stream(cfg)
+    if cfg.source == "files":
+        return _files_stream(cfg)
+    return _c4_stream(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
-# Fingerprints and the cache
+# Fingerprints, packing and the cache
 
 
-def _source_fingerprint(cfg: DataConfig) -> tuple[str, object]:
-    """(fingerprint, documents or None): cheap where possible so a cached load reads no text."""
+def _source_fingerprint(cfg: "DataConfig") -> str:
+    """Cheap where possible, so a cached load reads no (or little) text."""
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("val_sequences",)}
     h.update(json.dumps(settings, sort_keys=True).encode())
     if cfg.source == "embedded":
-        # Content hash: the corpus is a few MB, reading it costs ~50 ms, and the stdlib can differ
-        # between Python builds of the same version.
-        train, val = _embedded_docs(cfg)
-        for key, text in train + val:
-            h.update(key.encode())
+        # Content hash: the corpus is a few MB (~50 ms to read), and the stdlib can differ between
+        # Python builds of the same version.
+        for key, text, held_out in _embedded_stream(cfg):
+            h.update(f"{key}|{held_out}".encode())
             h.update(text.encode("utf-8", "surrogatepass"))
-        return h.hexdigest(), (train, val)
-    if cfg.source == "files":
+    elif cfg.source == "files":
+        # Path, size and mtime: hashing a multi-GB data set on every start would defeat the cache.
         for spec in (cfg.path, cfg.val_path):
             if spec:
                 for f in expand_paths(spec):
                     st = f.stat()
                     h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest(), None
-    return h.hexdigest(), None  # c4: the named dataset and budgets are the identity
-
-
-def _documents(cfg: DataConfig):
-    if cfg.source == "embedded":
-        return _embedded_docs(cfg)
-    if cfg.source == "files":
-        return _files_docs(cfg)
-    return _c4_docs(cfg)
+    # c4: the named dataset, its config and the budgets (in the settings) are the identity.
+    return h.hexdigest()
 
 
 def pack(token_lists: Iterable[list[int]], eos_id: int, seq_len: int, dtype) -> np.ndarray:
-    """Concatenate documents (each followed by ``eos_id``) and cut into rows of ``seq_len``."""
+    """Concatenate documents (each followed by ``eos_id``) and cut into rows of ``seq_len``
+    (the last partial row is dropped). `RowWriter` does the same in bounded memory."""
     chunks = []
     for ids in token_lists:
         chunks.append(np.asarray(ids, dtype=np.int64))
@@ -318,9 +329,43 @@ def pack(token_lists: Iterable[list[int]], eos_id: int, seq_len: int, dtype) -> 
     return flat[: n * seq_len].reshape(n, seq_len).astype(dtype)
 
 
-def _tokenize(tok: Tokenizer, docs: list[tuple[str, str]], batch: int = 256) -> Iterator[list[int]]:
-    for i in range(0, len(docs), batch):
-        yield from tok.encode([t for _, t in docs[i: i + batch]])
+class RowWriter:
+    """Packs documents into a flat binary file of whole ``seq_len`` rows, ``flush_tokens`` at a
+    time, so a multi-GB corpus never has to fit in memory."""
+
+    def __init__(self, path: Path, eos_id: int, seq_len: int, dtype, flush_tokens: int = 1 << 22):
+        self.path, self.eos, self.seq_len, self.dtype = Path(path), eos_id, seq_len, np.dtype(dtype)
+        self.flush_tokens = flush_tokens
+        self._f = open(self.path, "wb")
+        self._pending: list[np.ndarray] = []
+        self._n = 0
+        self.rows = 0
+        self.documents = 0
+
+    def add(self, ids: list[int]) -> None:
+        self._pending.append(np.asarray(ids, dtype=np.int64))
+        self._pending.append(np.asarray([self.eos], dtype=np.int64))
+        self._n += len(ids) + 1
+        self.documents += 1
+        if self._n >= self.flush_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        flat = np.concatenate(self._pending)
+        n = len(flat) // self.seq_len
+        self._f.write(flat[: n * self.seq_len].astype(self.dtype).tobytes())
+        self.rows += n
+        rest = flat[n * self.seq_len:]
+        self._pending, self._n = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> int:
+        self._flush()  # a tail shorter than a row stays unwritten
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self.rows
 
 
 def validation_rows(n_available: int, n_wanted: int) -> np.ndarray:
@@ -330,65 +375,119 @@ def validation_rows(n_available: int, n_wanted: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_available - 1, n).round().astype(np.int64))
 
 
-def _tokenizer_spec_fingerprint(cfg: DataConfig) -> str:
+def _tokenizer_spec_fingerprint(cfg: "DataConfig") -> str:
     if cfg.tokenizer == "sentencepiece":
         return f"sentencepiece:{cfg.vocab_size}:{cfg.tokenizer_train_chars}"
     tok = load_sentencepiece(cfg.tokenizer) if cfg.tokenizer.endswith(".model") else load_hf_tokenizer(cfg.tokenizer)
     return tok.fingerprint
 
 
-def prepare_data(cfg: DataConfig, *, cache: bool = True) -> PackedData:
-    """Tokenized, packed training rows and the fixed validation set for ``cfg`` (cached)."""
-    source_fp, docs = _source_fingerprint(cfg)
-    key = hashlib.sha256(
-        f"v{DATA_FORMAT_VERSION}|{source_fp}|{_tokenizer_spec_fingerprint(cfg)}".encode()
-    ).hexdigest()[:24]
-    out = cache_dir() / "data" / key
-    if cache and (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        tok_path = meta["tokenizer"]["path"]
-        if Path(tok_path).exists():
-            tok = load_sentencepiece(tok_path) if meta["tokenizer"]["kind"] == "sentencepiece" else load_hf_tokenizer(tok_path)
-            train = np.load(out / "train.npy", mmap_mode="r")
-            val_all = np.load(out / "val.npy", mmap_mode="r")
-            val = np.asarray(val_all[validation_rows(len(val_all), cfg.val_sequences)])
-            return PackedData(train, val, tok, meta)
+def _load_packed(entry: Path, cfg: "DataConfig") -> PackedData | None:
+    """The cache entry's arrays as read-only memory maps (None if its tokenizer file is gone)."""
+    meta = json.loads((entry / "meta.json").read_text())
+    t = meta["tokenizer"]
+    if not Path(t["path"]).exists():
+        return None
+    tok = load_sentencepiece(t["path"]) if t["kind"] == "sentencepiece" else load_hf_tokenizer(t["path"])
+    dtype, L = np.dtype(meta["dtype"]), meta["seq_len"]
+    train = np.memmap(entry / "train.bin", dtype=dtype, mode="r", shape=(meta["train_sequences"], L))
+    val_all = np.memmap(entry / "val.bin", dtype=dtype, mode="r", shape=(meta["val_sequences_available"], L))
+    val = np.asarray(val_all[validation_rows(len(val_all), cfg.val_sequences)])
+    if len(val) < cfg.val_sequences:
+        warnings.warn(f"only {len(val)} validation sequences available (data.val_sequences={cfg.val_sequences})")
+    return PackedData(train, val, tok, meta)
 
-    train_docs, val_docs = docs if docs is not None else _documents(cfg)
-    if not train_docs:
-        raise UserError(f"no training documents found for data.source={cfg.source} (path {cfg.path}); check the data")
-    if not val_docs:
-        raise UserError("no validation documents: raise data.val_fraction or give data.val_path")
-    tok = get_tokenizer(cfg.tokenizer, cfg.vocab_size, (t for _, t in train_docs), max_chars=cfg.tokenizer_train_chars)
+
+def _build(cfg: "DataConfig", key: str, entry: Path) -> None:
+    """Tokenize and pack every document into ``entry`` (train.bin, val.bin, meta.json last)."""
+    tok = get_tokenizer(cfg.tokenizer, cfg.vocab_size, (t for _, t, v in document_stream(cfg) if not v),
+                        max_chars=cfg.tokenizer_train_chars)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    train = pack(_tokenize(tok, train_docs), tok.eos_id, cfg.seq_len, dtype)
-    val_all = pack(_tokenize(tok, val_docs), tok.eos_id, cfg.seq_len, dtype)
-    if len(train) == 0:
+    entry.mkdir(parents=True, exist_ok=True)
+    writers = {False: RowWriter(entry / "train.bin", tok.eos_id, cfg.seq_len, dtype),
+               True: RowWriter(entry / "val.bin", tok.eos_id, cfg.seq_len, dtype)}
+    chars = 0
+    next_report = 100_000_000
+    batch: list[tuple[str, bool]] = []
+    batch_chars = 0
+
+    def flush_batch():
+        for ids, (_, held_out) in zip(tok.encode([t for t, _ in batch]), batch):
+            writers[held_out].add(ids)
+        batch.clear()
+
+    for _, text, held_out in document_stream(cfg):
+        batch.append((text, held_out))
+        batch_chars += len(text)
+        chars += len(text)
+        if len(batch) >= 512 or batch_chars >= 4_000_000:
+            flush_batch()
+            batch_chars = 0
+        if chars >= next_report:  # large corpora: say that something is happening
+            print(f"[llm-refine data] {chars / 1e6:.0f} M characters tokenized", file=sys.stderr, flush=True)
+            next_report += 100_000_000
+    flush_batch()
+    n_train, n_val = writers[False].close(), writers[True].close()
+    if writers[False].documents == 0:
+        raise UserError(f"no training documents found for data.source={cfg.source} (path {cfg.path}); check the data")
+    if writers[True].documents == 0:
+        raise UserError("no validation documents: raise data.val_fraction or give data.val_path")
+    if n_train == 0:
         raise UserError(f"the training text packs into 0 sequences of {cfg.seq_len} tokens; give more text or lower data.seq_len")
-    if len(val_all) == 0:
+    if n_val == 0:
         raise UserError(f"the validation text packs into 0 sequences of {cfg.seq_len} tokens; give more held-out text")
-    if len(val_all) < cfg.val_sequences:
-        warnings.warn(f"only {len(val_all)} validation sequences available (data.val_sequences={cfg.val_sequences})")
     meta = {
         "key": key,
+        "format_version": DATA_FORMAT_VERSION,
         "source": cfg.source,
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "train_sequences": int(len(train)),
-        "val_sequences_available": int(len(val_all)),
-        "train_tokens": int(train.size),
+        "train_documents": writers[False].documents,
+        "val_documents": writers[True].documents,
+        "train_sequences": n_train,
+        "val_sequences_available": n_val,
+        "train_tokens": n_train * cfg.seq_len,
         "seq_len": cfg.seq_len,
+        "dtype": np.dtype(dtype).name,
+        "characters": chars,
         "tokenizer": tok.describe(),
     }
-    if cache:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, arr in (("train", train), ("val", val_all)):
-            tmp = out / f".{name}.{os.getpid()}.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, out / f"{name}.npy")
-        atomic_write_json(out / "meta.json", meta)  # last: its presence means the entry is complete
-    val = val_all[validation_rows(len(val_all), cfg.val_sequences)]
-    return PackedData(train, val, tok, meta)
+    atomic_write_json(entry / "meta.json", meta)  # last: its presence means the entry is complete
+
+
+def prepare_data(cfg: "DataConfig", *, cache: bool = True) -> PackedData:
+    """Tokenized, packed training rows and the fixed validation set for ``cfg``.
+
+    Cached under ``$LLM_REFINE_CACHE/data/<key>`` (see the module docstring); ``cache=False``
+    rebuilds in a temporary directory and returns in-memory arrays.
+    """
+    key = hashlib.sha256(
+        f"v{DATA_FORMAT_VERSION}|{_source_fingerprint(cfg)}|{_tokenizer_spec_fingerprint(cfg)}".encode()
+    ).hexdigest()[:24]
+    root = cache_dir() / "data"
+    entry = root / key
+    if cache and (entry / "meta.json").is_file():
+        loaded = _load_packed(entry, cfg)
+        if loaded is not None:
+            return loaded
+    root.mkdir(parents=True, exist_ok=True)
+    # Build in a private directory, then rename it into place: concurrent builders never see each
+    # other's half-written files, and the first rename wins.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    try:
+        _build(cfg, key, tmp)
+        if not cache:
+            data = _load_packed(tmp, cfg)
+            return PackedData(np.array(data.train), data.val, data.tokenizer, data.meta)
+        if entry.exists() and (entry / "meta.json").is_file() and _load_packed(entry, cfg) is not None:
+            return _load_packed(entry, cfg)  # another process finished first
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)  # stale: its tokenizer file was deleted
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # another process finished first: use its entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load_packed(entry, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

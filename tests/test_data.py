@@ -204,12 +204,14 @@ def test_c4_streaming_path_with_a_stand_in_loader(monkeypatch, own_cache):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = DataConfig(source="c4", max_train_chars=10_000_000, max_val_chars=1_000_000, vocab_size=512,
-                     seq_len=64, val_sequences=4)
+                     seq_len=64, val_sequences=4, tokenizer_train_chars=20_000)
     data = prepare_data(cfg)
-    assert calls == [("allenai/c4", "en", "train", True), ("allenai/c4", "en", "validation", True)]
+    # One pass over the start of `train` for the tokenizer sample, then train + validation.
+    assert calls == [("allenai/c4", "en", "train", True), ("allenai/c4", "en", "train", True),
+                     ("allenai/c4", "en", "validation", True)]
     assert data.meta["train_documents"] == 80 and data.meta["val_documents"] == 20
     prepare_data(cfg)  # cached: no second download
-    assert len(calls) == 2
+    assert len(calls) == 3
     with pytest.raises(UserError, match="needs data.max_train_chars"):
         prepare_data(DataConfig(source="c4", max_train_chars=None))
 
@@ -234,3 +236,17 @@ def test_shard_indices_split_a_global_batch():
     assert [list(shard_indices(8, r, 2)) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError):
         shard_indices(6, 0, 4)
+
+
+def test_row_writer_streams_exactly_what_pack_computes(tmp_path):
+    from llm_refine.data import RowWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 500, size=int(rng.integers(1, 90))).tolist() for _ in range(200)]
+    w = RowWriter(tmp_path / "rows.bin", eos_id=2, seq_len=16, dtype=np.uint16, flush_tokens=50)
+    for d in docs:
+        w.add(d)
+    rows = w.close()
+    written = np.fromfile(tmp_path / "rows.bin", dtype=np.uint16).reshape(-1, 16)
+    assert rows == len(written) and np.array_equal(written, pack(docs, 2, 16, np.uint16))
+    assert w.documents == 200

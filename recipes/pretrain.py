@@ -1,6 +1,6 @@
 """Pretrain a LLaMA-style model from a recipe (thin wrapper over `llm_refine.pretrain`).
 
-    python recipes/pretrain.py recipes/pretrain_tiny.yaml [--output_dir D] [--set key=value ...]
+    python recipes/pretrain.py recipes/pretrain_tiny.yaml [--output_dir D] [--set key=value ...] [--prepare_only]
     torchrun --nproc_per_node 2 recipes/pretrain.py RECIPE.yaml ...
     accelerate launch --config_file launch/ddp.yaml recipes/pretrain.py RECIPE.yaml ...
 """
@@ -22,10 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", help="overrides the recipe's output_dir")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=50 schedule.name=cosine schedule.file=s.json")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="only train the tokenizer and tokenize/pack the data into the cache, then exit "
+                        "(do this once before a large multi-process run: ranks wait for rank 0's preparation)")
     a = p.parse_args(argv)
     overrides = list(a.set) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     try:
-        summary = run_pretrain(load_pretrain_config(a.recipe, overrides))
+        config = load_pretrain_config(a.recipe, overrides)
+        if a.prepare_only:
+            from llm_refine.data import prepare_data
+
+            data = prepare_data(config.data)
+            print(json.dumps({k: data.meta[k] for k in ("key", "train_sequences", "val_sequences_available", "train_tokens")}))
+            return 0
+        summary = run_pretrain(config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

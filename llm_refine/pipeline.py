@@ -392,6 +392,44 @@ def evaluate_run(run_dir: Path) -> dict:
 # The runner
 
 
+class _OutLock:
+    """An flock on ``<out>/.pipeline.lock``: a whole-pipeline run holds it exclusively, single-stage
+    runs (``--stage``, the SLURM jobs) share it. The OS drops it when the process dies, even on
+    SIGKILL, so a crash never leaves a stale lock behind."""
+
+    def __init__(self, out: Path, *, shared: bool):
+        self.path = out / ".pipeline.lock"
+        self.shared = shared
+        self.fh = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "?"
+            self.fh.close()
+            raise UserError(
+                f"{self.path.parent}: another `llm-refine pipeline` is running on this directory (pid {holder}); "
+                "wait for it to finish or pass a different --out"
+            ) from None
+        if not self.shared:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.write(str(os.getpid()))
+            self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
 class Pipeline:
     def __init__(
         self,
@@ -479,6 +517,11 @@ class Pipeline:
             unknown = [s for s in only if s not in self.by_id]
             if unknown:
                 raise UserError(f"unknown stage(s) {unknown}; stages are: {', '.join(self.by_id)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with _OutLock(self.out, shared=only is not None):
+            return self._run(only)
+
+    def _run(self, only: list[str] | None) -> int:
         self._write_inputs()
         self._load_state()
         # Check every finished/partial run dir against the recipe before training anything.

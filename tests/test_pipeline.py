@@ -384,3 +384,19 @@ def test_lr_sweep_and_seeds_through_the_pipeline(tmp_path):
     assert pipe.run() == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Peak-LR sweep" in md and "(n=2)" in md
+
+
+def test_a_second_pipeline_on_the_same_out_is_refused(tmp_path):
+    from llm_refine.pipeline import _OutLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pipe, _ = make_pipeline(tmp_path)
+    with _OutLock(out, shared=False):
+        with pytest.raises(UserError, match="another `llm-refine pipeline` is running"):
+            pipe.run()
+    with _OutLock(out, shared=True):  # a SLURM stage job holds it shared
+        with pytest.raises(UserError, match="another"):
+            pipe.run()  # a whole run needs it alone
+        assert pipe.run(only=["cpu-0.5m/linear"]) == 0  # other stage jobs may run beside it
+    assert pipe.run() == 0  # released

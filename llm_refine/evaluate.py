@@ -29,11 +29,12 @@ def _find_config(checkpoint_dir: Path):
     )
 
 
-def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16) -> dict:
+def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16, device: str | None = None) -> dict:
     """``{"val_loss", "perplexity", "tokens", "sequences"}`` of the model in ``checkpoint_dir``.
 
     ``config``: the run's `PretrainConfig`; default: the ``config.json`` of the run that holds the
     checkpoint. The loss is the mean over every predicted token (all rows have the same length).
+    ``device``: default the first GPU if there is one, else the CPU (fp32 either way).
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -50,8 +51,9 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch
         raise UserError(
             f"{ckpt}: model vocabulary {model.config.vocab_size} != tokenizer's {data.vocab_size}; wrong config for this checkpoint"
         )
-    model.eval()
-    rows = torch.from_numpy(data.val.astype("int64"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    rows = torch.from_numpy(data.val.astype("int64")).to(dev)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):

@@ -26,9 +26,9 @@ from torch import nn
 
 from ..errors import UserError
 
-# Accumulation dtype for the per-step sums: float64 keeps the ℓ1 sum over billions of elements
-# exact to ~1e-12; MPS has no float64, so it falls back to float32 there.
 def _acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulation dtype of the per-step sums: float64 keeps an ℓ1 sum over billions of elements
+    exact to ~1e-12; MPS has no float64, so float32 there."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -69,7 +69,8 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None) -
             n1 = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32))
         n2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(a)
         part = torch.stack([n1.sum(dtype=a), torch.dot(n2, n2)])
-        out += part.to(device=device, non_blocking=True)
+        # non_blocking only host->device: a non-blocking device->host copy could be read early
+        out += part.to(device=device, non_blocking=device.type != "cpu")
     return out
 
 
@@ -204,7 +205,6 @@ class LocalBackend(NormBackend):
                 )
             out.append((p, g))
         return out
-
 
 
 class FSDP1Backend(NormBackend):

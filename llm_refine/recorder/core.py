@@ -27,6 +27,17 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _on_comm_device(t: torch.Tensor, group) -> torch.Tensor:
+    """NCCL reduces only CUDA tensors: sums computed on the host (CPU-offloaded gradients under
+    FSDP or DeepSpeed) go to this rank's GPU for the one all-reduce."""
+    if t.device.type != "cpu":
+        return t
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
 class GradNormRecorder:
     """Records exact global ℓ1/ℓ2 gradient norms per optimizer step.
 
@@ -87,7 +98,9 @@ class GradNormRecorder:
             g = self.backend.group_sums(self.param_groups).to(sums.device, sums.dtype)
             sums = torch.cat([sums.reshape(-1), g.reshape(-1)])
         if self.backend.needs_reduce:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.backend.reduce_group)
+            group = self.backend.reduce_group
+            sums = _on_comm_device(sums, group)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         return sums
 
     def capture(self, step: int) -> torch.Tensor:
@@ -100,6 +113,8 @@ class GradNormRecorder:
             self.flush()
         sums = self._step_sums()
         if self._buf is None or self._buf.shape[1] != sums.numel() or self._buf.device != sums.device:
+            if self._steps:
+                self.flush()  # never drop pending rows when the buffer has to be reallocated
             self._buf = torch.empty((self.flush_every, sums.numel()), dtype=sums.dtype, device=sums.device)
         n = len(self._steps)
         self._buf[n].copy_(sums.reshape(-1))
@@ -116,7 +131,7 @@ class GradNormRecorder:
     def flush(self) -> list[dict]:
         """Copy pending sums to the host (one sync), write them (rank 0), return the records."""
         n = len(self._steps)
-        host = self._buf[:n].double().cpu() if n else None
+        host = self._buf[:n].cpu().double() if n else None  # the one device->host sync
         records: dict[int, dict] = {}
         for i, step in enumerate(self._steps):
             records[step] = self._record(step, host[i])

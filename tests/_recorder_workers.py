@@ -82,16 +82,36 @@ def loss_fn(model, x, y):
     return ((model(x).float() - y) ** 2).mean()
 
 
-def reference(cfg: Cfg) -> list[tuple[float, float]]:
-    """Single process, fp32, whole global batch: the exact norms a correct recorder must give."""
+def group_of(name: str) -> int:
+    """Per-group test split by parameter name (names survive DDP/FSDP2/FSDP1-orig wrapping)."""
+    return 0 if ".blocks." in f".{name}" or name.startswith("blocks.") else 1
+
+
+def param_groups(model) -> list[list]:
+    groups: list[list] = [[], []]
+    for name, p in model.named_parameters():
+        groups[group_of(name)].append(p)
+    return groups
+
+
+def _norms(params) -> tuple[float, float]:
+    flat = torch.cat([p.grad.double().reshape(-1) for p in params])
+    return flat.abs().sum().item(), flat.norm().item()
+
+
+def reference(cfg: Cfg, per_group: bool = False) -> list:
+    """Single process, fp32, whole global batch: the exact norms a correct recorder must give
+    (with ``per_group``: a list of per-group (l1, l2) per step instead)."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = []
     for micro in batches(cfg):
         for x, y in micro:
             (loss_fn(model, x, y) / cfg.accum).backward()
-        flat = torch.cat([p.grad.double().reshape(-1) for p in model.parameters()])
-        out.append((flat.abs().sum().item(), flat.norm().item()))
+        if per_group:
+            out.append([_norms(g) for g in param_groups(model)])
+        else:
+            out.append(_norms(model.parameters()))
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
@@ -174,9 +194,7 @@ def run_config(cfg: Cfg, rank: int, world: int, outdir: str) -> dict:
     facts["backend"] = backend.engine
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = os.path.join(outdir, f"{cfg.name}.jsonl")
-    groups = None
-    if cfg.per_group:
-        groups = [list(model.parameters())[:2], list(model.parameters())[2:]]
+    groups = param_groups(model) if cfg.per_group else None
     rec = GradNormRecorder(backend, path, flush_every=2, meta={"config": cfg.name}, param_groups=groups)
     clip_returned = []
     post_clip = []

@@ -37,6 +37,10 @@ CONFIGS = [
     C("fsdp2_hsdp_shard2", "fsdp2", mesh=(1, 2), clip=0.5),
     C("fsdp2_hsdp_replicate2", "fsdp2", mesh=(2, 1), accum=2),
     C("fsdp2_bf16", "fsdp2", dtype="bf16"),
+    # optional per-group norms (groups by parameter name: blocks vs the rest)
+    C("ddp_groups", "ddp", per_group=True),
+    C("fsdp1_full_orig_groups", "fsdp1", "FULL_SHARD", orig_params=True, per_group=True),
+    C("fsdp2_groups", "fsdp2", accum=2, per_group=True),
 ]
 
 
@@ -90,6 +94,10 @@ def test_engine_exact(results, cfg):
     for a in r1["captured"]:
         b = recs[a["step"]]
         assert _rel(a["l1"], b["l1"]) < 1e-12 and _rel(a["l2"], b["l2"]) < 1e-12
+    if cfg.per_group:
+        for rec, groups in zip(recs, W.reference(cfg, per_group=True)):
+            for gi, (l1, l2) in enumerate(groups):
+                assert _rel(rec["groups"]["l1"][str(gi)], l1) < tol and _rel(rec["groups"]["l2"][str(gi)], l2) < tol
     if cfg.clip:
         # recorded = the norm the clip function saw (pre-clip), and clipping really happened
         for rec, total, after in zip(recs, r0["clip_returned"], r0["post_clip"]):

@@ -243,6 +243,29 @@ def test_trainer_callback_single_process(tmp_path, accum, clip):
     assert "clip_grad_norm_" not in trainer.accelerator.__dict__ and "log" not in trainer.__dict__
 
 
+def test_trainer_callback_per_group(tmp_path):
+    """per_group=True: norms per optimizer parameter group (the Trainer makes decay / no-decay)."""
+    from transformers import TrainingArguments
+
+    from llm_refine import GradNormCallback
+
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                             logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, weight_decay=0.1)
+    trainer = sequential_trainer(model=Reg(), args=args, train_dataset=reg_data(),
+                                 callbacks=[GradNormCallback(per_group=True)])
+    trainer.train()
+    _, records = read_jsonl(tmp_path / "gradnorms.jsonl")
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2
+    for r in records:
+        g1, g2 = r["groups"]["l1"], r["groups"]["l2"]
+        assert set(g1) == {"0", "1"}
+        assert close(sum(g1.values()), r["l1"], 1e-9)
+        assert close(math.sqrt(sum(v * v for v in g2.values())), r["l2"], 1e-9)
+
+
 def test_accelerate_hook_custom_loop_fp32(tmp_path):
     from accelerate import Accelerator
 

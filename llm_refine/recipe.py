@@ -302,6 +302,9 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
     for k in ("schedule", "output_dir"):
         if k in pretrain:
             raise UserError(f"{where}: pretrain.{k} is set by the pipeline for each run; remove it (schedules go in 'schedules')")
+    for section, key, instead in (("model", "size", "sizes"), ("train", "seed", "seeds")):
+        if isinstance(pretrain.get(section), dict) and key in pretrain[section]:
+            raise UserError(f"{where}: pretrain.{section}.{key} is set by the pipeline from '{instead}'; remove it")
     base_dir = Path(path).resolve().parent if path else Path.cwd()
     _check_data(pretrain, where, base_dir)
 
@@ -318,6 +321,9 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
         for it in items:
             if not isinstance(it, str) or "=" not in it:
                 raise UserError(f"{where}: size_overrides.{size}: {it!r} is not a dotted key=value override")
+            key = it.split("=", 1)[0].strip()
+            if key in ("model.size", "train.seed", "output_dir") or key.startswith("schedule"):
+                raise UserError(f"{where}: size_overrides.{size}: {key} is set by the pipeline; remove {it!r}")
         size_overrides[str(size)] = [str(x) for x in items]
 
     launch_raw = raw.get("launch") or {}

@@ -6,12 +6,10 @@ only to read the case list.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
 import traceback
-from pathlib import Path
 
 
 def free_port() -> int:
@@ -107,14 +105,6 @@ def teardown_dist() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
-
-
-def write_result(path: str | os.PathLike, payload: dict) -> None:
-    Path(path).write_text(json.dumps(payload, allow_nan=True))
 
 
 def error_text() -> str:

@@ -9,7 +9,6 @@ global batch of that step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -235,10 +234,8 @@ def worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) ->
 
 
 def main(out_dir: str, cases: list[Case], world: int = 2) -> list[dict]:
-    import torch.multiprocessing as mp
+    from _ds_common import spawn
 
-    from _ds_common import free_port
-
-    mp.spawn(worker, args=(world, free_port(), [asdict(c) for c in cases], out_dir), nprocs=world, join=True)
+    spawn(worker, (world, [asdict(c) for c in cases], out_dir), world)
     with open(os.path.join(out_dir, "results.json")) as f:
         return json.load(f)

@@ -153,10 +153,25 @@ def _detect_layout(engine) -> str:
     )
 
 
+def _ranks(group) -> tuple[int, ...] | None:
+    import torch.distributed as dist
+
+    try:
+        return tuple(dist.get_process_group_ranks(group))
+    except Exception:  # default group before init, or an older torch
+        return None
+
+
 def _single_group(groups: list, what: str):
+    """The one process group all partitions use (identical object, or the same ranks)."""
     first = groups[0]
+    first_ranks = None
     for g in groups[1:]:
-        if g is not first:
+        if g is first:
+            continue
+        if first_ranks is None:
+            first_ranks = _ranks(first)
+        if first_ranks is None or _ranks(g) != first_ranks:
             raise UserError(
                 f"DeepSpeed engine: {what} use different process groups; the gradient-norm recorder "
                 "needs one data-parallel group (no MoE / hierarchical partitioning)"

@@ -165,6 +165,12 @@ def test_unsupported_setups_raise_user_error(attrs, what):
         dsrec.DeepSpeedBackend(_UnsupportedEngine(**attrs))
 
 
+def test_per_group_norms_are_refused_not_faked():
+    backend = object.__new__(dsrec.DeepSpeedBackend)  # group_sums needs no engine to refuse
+    with pytest.raises(UserError, match="per-group norms are not supported with DeepSpeed"):
+        backend.group_sums([[]])
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw DeepSpeed engines: ZeRO-0/1/2/3 x fp32/bf16/fp16 x offload x accumulation x clipping
 

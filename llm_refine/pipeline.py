@@ -46,7 +46,7 @@ from .errors import UserError
 from .fileio import atomic_write_json, atomic_write_text, sha256_file
 from .recipe import BASELINE, LAUNCHERS, REFINED, Recipe, load_recipe
 
-# Dotted keys of C's PretrainConfig that the pipeline sets for each run.
+# Dotted keys of `llm_refine.pretrain.PretrainConfig` that the pipeline sets for each run.
 KEY_SIZE = "model.size"
 KEY_SEED = "train.seed"
 KEY_LR = "train.learning_rate"
@@ -78,7 +78,7 @@ class Stage:
     seed: int | None = None
     lr_multiplier: float | None = None
     run_dir: Path | None = None  # train stages
-    overrides: list[str] = field(default_factory=list)  # train stages: dotted key=value for C's loader
+    overrides: list[str] = field(default_factory=list)  # train stages: dotted key=value for load_pretrain_config
     spec: dict = field(default_factory=dict)  # everything that defines the stage's result
 
     @property
@@ -115,8 +115,8 @@ def _lookup(d: dict, dotted: str):
     return cur
 
 
-def base_learning_rate(recipe: Recipe, size: str) -> float | None:
-    """The size's peak LR before the sweep multiplier: its override, the recipe's, or C's default."""
+def base_learning_rate(recipe: Recipe, size: str) -> float:
+    """The size's peak LR before the sweep multiplier: its override, the recipe's, or the default."""
     for ov in reversed(recipe.size_overrides.get(size, [])):
         k, _, v = ov.partition("=")
         if k.strip() == KEY_LR:
@@ -124,13 +124,10 @@ def base_learning_rate(recipe: Recipe, size: str) -> float | None:
     v = _lookup(recipe.pretrain, KEY_LR)
     if v is not None:
         return float(v)
-    try:
-        from .pretrain import load_pretrain_config
+    from .pretrain import load_pretrain_config
 
-        cfg = load_pretrain_config(copy.deepcopy(recipe.pretrain), [f"{KEY_SIZE}={size}"])
-        return float(cfg.train.learning_rate)
-    except Exception:  # C's module missing or shaped differently: the sweep needs an explicit LR
-        return None
+    cfg = load_pretrain_config(copy.deepcopy(recipe.pretrain), [f"{KEY_SIZE}={size}"])
+    return float(cfg.train.learning_rate)
 
 
 def base_overrides(
@@ -140,10 +137,6 @@ def base_overrides(
     ov = [f"{KEY_SIZE}={size}", *recipe.size_overrides.get(size, []), f"{KEY_SEED}={seed}"]
     if not math.isclose(lr_multiplier, 1.0):
         base = base_learning_rate(recipe, size)
-        if base is None:
-            raise UserError(
-                f"{recipe.path or 'recipe'}: lr_multipliers needs a base LR; set pretrain.train.learning_rate"
-            )
         ov.append(f"{KEY_LR}={_fmt_value(base * lr_multiplier)}")
     for k, v in recipe.schedule_config(label, refined_file=str(refined_file) if refined_file else None).items():
         ov.append(f"schedule.{k}={_fmt_value(v)}")
@@ -204,7 +197,7 @@ class Launcher(Protocol):
 
 
 class InProcessLauncher:
-    """Trains in this process with C's `run_pretrain` (which resumes from its latest checkpoint).
+    """Trains in this process with `llm_refine.pretrain.run_pretrain` (which resumes from its latest checkpoint).
 
     ``callbacks_for(stage)``: extra ``TrainerCallback``s for a stage (monitoring; tests use one to
     interrupt a run mid-stage).
@@ -350,7 +343,7 @@ def eval_state(run_dirs: list[Path]) -> str:
 
 
 def refine_baseline(history: Path, out_file: Path, *, norm: str, tau: float) -> dict:
-    """Refine ``history`` into ``out_file`` (and a PNG beside it) with the lead's `refine_file`."""
+    """Refine ``history`` into ``out_file`` (and a PNG beside it) with `llm_refine.refine.refine_file`."""
     import warnings
 
     from .refine import refine_file
@@ -371,7 +364,7 @@ def final_checkpoint(run_dir: Path) -> Path | None:
 
 
 def evaluate_run(run_dir: Path) -> dict:
-    """Evaluate a finished run's final checkpoint with C's `evaluate_checkpoint`; write eval.json."""
+    """Evaluate a finished run's final checkpoint with `llm_refine.evaluate.evaluate_checkpoint`; write eval.json."""
     from .evaluate import evaluate_checkpoint
 
     ckpt = final_checkpoint(run_dir)

@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 from .errors import UserError
 from .schedules import SCHEDULES, ScheduleConfig
@@ -170,15 +170,6 @@ def _as_list(value, what: str, where: str) -> list:
     raise UserError(f"{where}: {what} must be a list, got {type(value).__name__}")
 
 
-def _known_sizes() -> dict | None:
-    """C's registry of model sizes, or None while `llm_refine.models` is not importable."""
-    try:
-        from .models import MODEL_SIZES
-    except ImportError:
-        return None
-    return MODEL_SIZES
-
-
 def _parse_schedules(raw, where: str) -> list[RunSchedule]:
     out: list[RunSchedule] = []
     for i, item in enumerate(_as_list(raw, "schedules", where)):
@@ -229,7 +220,7 @@ def _check_data(pretrain: dict, where: str, base_dir: Path) -> None:
     for key in keys:
         p = data.get(key)
         if not isinstance(p, str) or "://" in p or any(ch in p for ch in "*?["):
-            continue  # unset, remote, or a glob (C's loader reports an empty glob itself)
+            continue  # unset, remote, or a glob (the data loader reports an empty glob itself)
         pp = Path(os.path.expanduser(p))
         if not pp.is_absolute() and not pp.exists():
             pp = base_dir / pp
@@ -240,8 +231,8 @@ def _check_data(pretrain: dict, where: str, base_dir: Path) -> None:
 
 
 def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = True) -> Recipe:
-    """Validate a recipe mapping. ``check_pretrain`` also validates the pretrain section with C's
-    `load_pretrain_config`, for each size's overrides (skipped when that module is missing)."""
+    """Validate a recipe mapping. ``check_pretrain`` also resolves the pretrain section with
+    `llm_refine.pretrain.load_pretrain_config` for each size, so its unknown keys fail here too."""
     where = _where(path)
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a recipe is a YAML mapping (key: value); got {type(raw).__name__}")
@@ -252,11 +243,11 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
         raise UserError(f"{where}: 'sizes' is missing; list model sizes, e.g. [cpu-0.5m, cpu-2m] (see `llm-refine sizes`)")
     if len(set(sizes)) != len(sizes):
         raise UserError(f"{where}: 'sizes' lists a size twice: {sizes}")
-    known = _known_sizes()
-    if known is not None:
-        for s in sizes:
-            if s not in known:
-                raise UserError(f"{where}: unknown model size {s!r}; choose from {', '.join(known)} (`llm-refine sizes`)")
+    from .models import MODEL_SIZES
+
+    for s in sizes:
+        if s not in MODEL_SIZES:
+            raise UserError(f"{where}: unknown model size {s!r}; choose from {', '.join(MODEL_SIZES)} (`llm-refine sizes`)")
 
     schedules = _parse_schedules(raw.get("schedules", [BASELINE, REFINED, "cosine"]), where)
 
@@ -364,16 +355,13 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
 
 
 def _check_pretrain(recipe: Recipe, where: str) -> None:
-    """Resolve each size's base config with C's loader so unknown pretrain keys fail now."""
-    try:
-        from .pretrain import load_pretrain_config
-    except ImportError:
-        return
+    """Resolve each size's base config with the pretraining loader so unknown keys fail now."""
     from .pipeline import base_overrides  # local: pipeline imports this module
+    from .pretrain import load_pretrain_config
 
     for size in recipe.sizes:
-        overrides = base_overrides(recipe, size, recipe.seeds[0], recipe.lr_multipliers[0], BASELINE, "/tmp/x")
         try:
+            overrides = base_overrides(recipe, size, recipe.seeds[0], recipe.lr_multipliers[0], BASELINE, "unused")
             load_pretrain_config(copy.deepcopy(recipe.pretrain), overrides)
         except UserError as e:
             raise UserError(f"{where}: pretrain config for size {size!r}: {e}") from None

@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -41,7 +41,7 @@ def make_run(
     eval_loss: float | None = None,
     data: dict | None = None,
 ) -> Path:
-    """A finished run dir shaped like C's run_pretrain output (plus the pipeline's marker)."""
+    """A finished run dir shaped like run_pretrain's output (plus the pipeline's marker)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     sched = {"name": schedule, "warmup_steps": 4, **(schedule_cfg or {})}
     config = {

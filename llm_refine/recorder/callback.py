@@ -94,7 +94,8 @@ class GradNormCallback(TrainerCallback):
             )
         self._state = state
         path = self.output_path or os.path.join(args.output_dir, "gradnorms.jsonl")
-        flush_every = self.flush_every or max(1, int(args.logging_steps if args.logging_steps >= 1 else 1))
+        # state.logging_steps is the resolved interval (args.logging_steps may be a ratio < 1)
+        flush_every = self.flush_every or max(1, int(getattr(state, "logging_steps", None) or args.logging_steps or 1))
         meta = {
             "source": "transformers.Trainer",
             "precision": _precision(args),

@@ -75,6 +75,7 @@ class GradNormRecorder:
             if len(names) != len(self.param_groups):
                 raise UserError(f"group_names has {len(names)} names for {len(self.param_groups)} parameter groups")
             self.group_names = names
+            self._group_sums()  # fail at setup, not at the first step, if the backend can't do it
         self.rank = global_rank()
         self.meta = {**backend.meta(), **dict(meta or {}), "norms": list(self.norms)}
         self.writer: HistoryWriter | None = None
@@ -89,13 +90,19 @@ class GradNormRecorder:
         self.last: dict | None = None  # the latest flushed norm record (for logging)
         self.captured = 0
 
+    def _group_sums(self) -> torch.Tensor:
+        try:
+            return self.backend.group_sums(self.param_groups)
+        except (AttributeError, NotImplementedError):
+            raise UserError(
+                f"per-group norms are not supported by the {self.backend.engine} backend; drop per_group/param_groups"
+            ) from None
+
     # -- per step ---------------------------------------------------------------------------------
     def _step_sums(self) -> torch.Tensor:
         sums = self.backend.local_sums()
         if self.param_groups is not None:
-            if not hasattr(self.backend, "group_sums"):
-                raise UserError(f"per-group norms are not supported by the {self.backend.engine} backend; drop param_groups")
-            g = self.backend.group_sums(self.param_groups).to(sums.device, sums.dtype)
+            g = self._group_sums().to(sums.device, sums.dtype)
             sums = torch.cat([sums.reshape(-1), g.reshape(-1)])
         if self.backend.needs_reduce:
             group = self.backend.reduce_group

@@ -88,14 +88,16 @@ def build_model(size: str | ModelSize, vocab_size: int | None = None, seed: int 
     """A freshly initialized ``LlamaForCausalLM``; the same (size, vocab, seed) gives the same weights.
 
     The init draws from a forked RNG so building a model does not move the caller's global seed.
+    ``from_config`` (not the bare constructor) so that under DeepSpeed ZeRO-3 with ``zero3_init``
+    the weights are partitioned as they are created instead of materialized whole on every rank.
     """
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     config = llama_config(size, vocab_size, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     return model
 
 

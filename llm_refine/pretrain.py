@@ -506,8 +506,7 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_time = time.perf_counter() - t0
-    metrics = trainer.evaluate()
-    log_cb.on_evaluate(args, trainer.state, trainer.control, metrics=metrics)  # no-op if already logged
+    metrics = trainer.evaluate()  # logged to eval_log.jsonl unless the last periodic eval was this step
     wall = time.perf_counter() - t0
 
     steps = trainer.state.global_step

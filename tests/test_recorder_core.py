@@ -403,3 +403,41 @@ def test_hook_refuses_clipping_it_cannot_see(tmp_path):
     with pytest.raises(UserError, match="clip"):
         opt.step()
     hook.close()
+
+
+def test_hook_refuses_launch_accelerate_does_not_see(tmp_path, monkeypatch):
+    """torchrun started 2 processes but accelerate runs as 1 (on CPU without cpu=True / use_cpu):
+    the gradients are never reduced, so the recorder refuses instead of writing per-rank norms."""
+    from accelerate import Accelerator
+
+    from llm_refine import AccelerateGradNormHook
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(Reg())
+    opt = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="use_cpu=True"):
+        AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl")
+
+
+def test_trainer_callback_bf16_close_to_fp32_reference(tmp_path):
+    from transformers import TrainingArguments
+
+    from llm_refine import GradNormCallback
+
+    data = reg_data()
+    torch.manual_seed(0)
+    model = Reg()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                             logging_steps=1, report_to="none", use_cpu=True, bf16=True, max_grad_norm=0.0,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = sequential_trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                                 callbacks=[GradNormCallback()])
+    trainer.train()
+    meta, records = read_jsonl(tmp_path / "gradnorms.jsonl")
+    assert meta["precision"] == "bf16"
+    ref = reference_run(data, 3, 4, 1, 0.1, 0.0)
+    for r, (l1, l2) in zip(records, ref):
+        assert close(r["l1"], l1, 1e-2) and close(r["l2"], l2, 1e-2)

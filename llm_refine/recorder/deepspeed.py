@@ -46,9 +46,6 @@ from .backends import NormBackend, sums_of
 
 __all__ = ["DeepSpeedBackend", "StepHookHandle", "install_step_hook"]
 
-_REPLICATED = ("params", "lp_params", "bf16_opt")
-
-
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
 

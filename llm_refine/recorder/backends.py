@@ -40,12 +40,21 @@ def world_size() -> int:
     return dist.get_world_size() if _dist_on() else 1
 
 
-def _is_dtensor(t: Any) -> bool:
+def _dtensor_api():
+    """(DTensor, Replicate, Shard), or None without DTensor support (public module from torch 2.5)."""
     try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - older torch
+        try:
+            from torch.distributed._tensor import DTensor, Replicate, Shard
+        except ImportError:
+            return None
+    return DTensor, Replicate, Shard
+
+
+def _is_dtensor(t: Any) -> bool:
+    api = _dtensor_api()
+    return api is not None and isinstance(t, api[0])
 
 
 def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
@@ -280,7 +289,7 @@ class FSDP2Backend(NormBackend):
 
     def __init__(self, model: nn.Module, **kw):
         super().__init__(**kw)
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        DTensor, Replicate, Shard = _dtensor_api()
 
         self.model = model
         fsdp_mesh = _fsdp2_mesh(model)
@@ -431,6 +440,9 @@ def _has_fsdp1(model: nn.Module) -> bool:
 def _has_fsdp2(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - old torch
-        return False
+    except ImportError:  # pragma: no cover - torch < 2.6 keeps FSDP2 private
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())

@@ -64,8 +64,6 @@ _SP_OPTIONS = dict(
     eos_id=2,
     pad_id=-1,
     max_sentence_length=16384,
-    input_sentence_size=5_000_000,  # lines sampled for training: bounds memory on large corpora
-    shuffle_input_sentence=True,
     num_threads=1,
     minloglevel=2,
 )

@@ -250,3 +250,14 @@ def test_row_writer_streams_exactly_what_pack_computes(tmp_path):
     written = np.fromfile(tmp_path / "rows.bin", dtype=np.uint16).reshape(-1, 16)
     assert rows == len(written) and np.array_equal(written, pack(docs, 2, 16, np.uint16))
     assert w.documents == 200
+
+
+def test_sentencepiece_training_is_deterministic(tmp_path, monkeypatch):
+    from llm_refine.tokenizer import train_sentencepiece
+
+    texts = [t for _, t in _embedded_docs(DataConfig(max_train_chars=200_000))[0]]
+    fps = []
+    for d in ("one", "two"):
+        monkeypatch.setenv("LLM_REFINE_CACHE", str(tmp_path / d))
+        fps.append(train_sentencepiece(texts, 512, max_chars=150_000).fingerprint)
+    assert fps[0] == fps[1]

@@ -119,10 +119,23 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, max_chars: int
     return load_sentencepiece(model_path)
 
 
+# Encoded by every fingerprint: catches normalization differences that the pieces alone do not show.
+_PROBE = "Hello,  world!\n\tdef f(x):  return x ** 2  # ünïcödé ✓ 日本語 1234567 \u00a0\u2003end\n"
+
+
+def _sp_fingerprint(sp) -> str:
+    """What decides the ids: every piece with its score and type, and the ids of a probe string.
+    (Not the file's bytes: a model file also records the path it was trained to.)"""
+    h = hashlib.sha256()
+    for i in range(sp.get_piece_size()):
+        kind = (sp.is_control(i), sp.is_unknown(i), sp.is_unused(i), sp.is_byte(i))
+        h.update(f"{sp.id_to_piece(i)}\t{sp.get_score(i)!r}\t{kind}\n".encode("utf-8", "surrogatepass"))
+    h.update(json.dumps(sp.encode(_PROBE)).encode())
+    return "sp:" + h.hexdigest()[:24]
+
+
 def load_sentencepiece(path: str | os.PathLike) -> Tokenizer:
     import sentencepiece as spm
-
-    from .fileio import sha256_file
 
     path = Path(path)
     if not path.is_file():
@@ -131,7 +144,7 @@ def load_sentencepiece(path: str | os.PathLike) -> Tokenizer:
     eos = sp.eos_id()
     if eos < 0:
         raise UserError(f"sentencepiece model {path} has no end-of-sequence piece; train it with eos_id >= 0")
-    return Tokenizer("sentencepiece", str(path), sp.get_piece_size(), eos, "sp:" + sha256_file(path)[:24], sp)
+    return Tokenizer("sentencepiece", str(path), sp.get_piece_size(), eos, _sp_fingerprint(sp), sp)
 
 
 def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -75,7 +75,7 @@ class Crash(Exception):
 
 
 def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, fsdp1=False, crash_at=None, save_steps=None,
-                 extra_callbacks=()):
+                 logging_steps=1, extra_callbacks=()):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
@@ -101,7 +101,7 @@ def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, fsdp1=False, crash_
         kw = {"fsdp": "full_shard", "fsdp_config": {"version": 1, "sync_module_states": False}}
     args = TrainingArguments(
         output_dir=outdir, per_device_train_batch_size=PER_DEVICE, gradient_accumulation_steps=accum,
-        max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, max_grad_norm=clip,
+        max_steps=steps, logging_steps=logging_steps, report_to="none", use_cpu=True, max_grad_norm=clip,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True,
         dataloader_num_workers=0, seed=0, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
         weight_decay=0.0, **kw,
@@ -158,19 +158,22 @@ def run_trainer_case(outdir, **kw):
 
 
 def resume_case(base):
-    """Uninterrupted run vs crash after checkpoint-4 + resume: same history."""
+    """Uninterrupted run vs crash at step 7 + resume from checkpoint-4: same history. Flushes:
+    at the checkpoint (steps 0..3) and at the step-6 log (4, 5); step 6 is in the buffer at the
+    crash. Resuming must drop 4, 5 (past the checkpoint) and recompute them."""
+    kw = dict(steps=8, accum=1, clip=0.0, save_steps=4, logging_steps=3)
     full = os.path.join(base, "full")
-    run_trainer_case(full, steps=6, accum=1, clip=0.0, save_steps=2)
+    run_trainer_case(full, **kw)
     crashed = os.path.join(base, "crashed")
     try:
-        run_trainer_case(crashed, steps=6, accum=1, clip=0.0, save_steps=2, crash_at=5)
+        run_trainer_case(crashed, crash_at=7, **kw)
         raised = False
     except Crash:
         raised = True
     from llm_refine.history import read_jsonl
 
     before = [r["step"] for r in read_jsonl(os.path.join(crashed, "gradnorms.jsonl"))[1]]
-    trainer = make_trainer(crashed, steps=6, accum=1, clip=0.0, save_steps=2)
+    trainer = make_trainer(crashed, **kw)
     trainer.train(resume_from_checkpoint=os.path.join(crashed, "checkpoint-4"))
     return {"raised": raised, "steps_before_resume": before}
 

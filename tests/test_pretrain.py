@@ -234,3 +234,24 @@ def test_crash_before_the_first_checkpoint_restarts_clean(tmp_path):
     assert summary["resumed_from_step"] == 0
     assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == list(range(12))
     assert [r["step"] for r in history_records(tmp_path / "gradnorms.jsonl")] == list(range(12))
+
+
+def test_run_on_c4_format_files(tmp_path):
+    """A run on local files in C4's format (json.gz shards with a text field), as the tests write them."""
+    import gzip
+
+    from llm_refine.data import embedded_files
+
+    shards = tmp_path / "c4" / "en"
+    shards.mkdir(parents=True)
+    paras = [p for _, f in embedded_files()[:40] for p in f.read_text(errors="replace").split("\n\n") if len(p) > 100]
+    for k in range(2):
+        with gzip.open(shards / f"c4-train.{k:05d}-of-01024.json.gz", "wt") as fh:
+            for p in paras[k::2]:
+                fh.write(json.dumps({"text": p, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x"}) + "\n")
+    cfg = load_pretrain_config(None, tiny_overrides(tmp_path / "run", "data.source=files", f"data.path={shards}",
+                                                    "data.vocab_size=512", "train.eval_every=6", steps=6))
+    s = run_pretrain(cfg)
+    assert s["steps"] == 6 and s["vocab_size"] == 512 and math.isfinite(s["final_val_loss"])
+    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    assert runtime["data"]["source"] == "files" and runtime["data"]["val_documents"] > 0

@@ -214,7 +214,92 @@ class InProcessLauncher:
         run_pretrain(config, callbacks=callbacks)
 
 
-class AccelerateLauncher:
+class ChildRun:
+    """A training subprocess whose output is echoed line by line, prefixed with the stage id when
+    several runs share the terminal (``--jobs`` > 1)."""
+
+    def __init__(self, cmd: list[str], prefix: str | None):
+        import threading
+
+        self.cmd = cmd
+        if prefix is None:
+            # Alone on the terminal: the child writes to it directly (progress bars intact).
+            self.proc = subprocess.Popen(cmd)
+            self.thread = None
+            return
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+        def pump():
+            # Text mode splits on "\r" too, so each progress-bar refresh arrives as its own line.
+            for line in self.proc.stdout:
+                if line.strip():
+                    sys.stdout.write(f"{prefix} {line.rstrip()}\n")
+                    sys.stdout.flush()
+
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and self.thread is not None:
+            self.thread.join(timeout=5)
+        return rc
+
+    def wait(self) -> int:
+        self.proc.wait()
+        return self.poll()
+
+    def terminate(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s: the run keeps its last checkpoint and resumes from it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def check(self) -> None:
+        rc = self.poll()
+        if rc:
+            raise RuntimeError(f"`{shlex.join(self.cmd)}` exited with status {rc}")
+
+
+class _SubprocessLauncher:
+    def command(self, stage: Stage, base_config_path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, stage: Stage, base_config_path: Path, recipe: Recipe, prefix: str | None = None) -> ChildRun:
+        return ChildRun(self.command(stage, base_config_path), prefix)
+
+    def train(self, stage: Stage, base_config_path: Path, recipe: Recipe) -> None:
+        run = self.start(stage, base_config_path, recipe)
+        try:
+            run.wait()
+        except KeyboardInterrupt:
+            run.terminate()
+            raise
+        run.check()
+
+
+def _set_args(stage: Stage) -> list[str]:
+    return [ov for ov in stage.overrides if not ov.startswith(f"{KEY_OUTPUT}=")]
+
+
+class PythonLauncher(_SubprocessLauncher):
+    """Each training in a fresh ``python`` process running `run_pretrain` (what ``--jobs N`` uses
+    for the in-process launcher: runs in parallel need processes of their own)."""
+
+    CHILD = (
+        "import sys; from llm_refine.pretrain import load_pretrain_config, run_pretrain; "
+        "run_pretrain(load_pretrain_config(sys.argv[1], sys.argv[2:]))"
+    )
+
+    def command(self, stage: Stage, base_config_path: Path) -> list[str]:
+        return [sys.executable, "-c", self.CHILD, str(base_config_path), *stage.overrides]
+
+
+class AccelerateLauncher(_SubprocessLauncher):
     """``accelerate launch --config_file CONFIG recipes/pretrain.py BASE --output_dir D --set ...``."""
 
     def __init__(self, config: str | None, script: str = "recipes/pretrain.py", extra_args: list[str] | None = None):
@@ -228,23 +313,17 @@ class AccelerateLauncher:
             cmd += ["--config_file", self.config]
         cmd += [*self.extra_args, self.script, str(base_config_path), "--output_dir", str(stage.run_dir)]
         # One --set followed by every override (the script's --set takes a list).
-        cmd += ["--set", *[ov for ov in stage.overrides if not ov.startswith(f"{KEY_OUTPUT}=")]]
-        return cmd
-
-    def train(self, stage: Stage, base_config_path: Path, recipe: Recipe) -> None:
-        cmd = self.command(stage, base_config_path)
-        # The child inherits stdout/stderr so the Trainer's progress bar shows as it runs.
-        rc = subprocess.call(cmd)
-        if rc != 0:
-            raise RuntimeError(f"`{shlex.join(cmd)}` exited with status {rc}")
+        return cmd + ["--set", *_set_args(stage)]
 
 
-def make_launcher(recipe: Recipe, launcher: str | None = None, launch_config: str | None = None) -> Launcher:
+def make_launcher(
+    recipe: Recipe, launcher: str | None = None, launch_config: str | None = None, *, jobs: int = 1
+) -> Launcher:
     name = launcher or recipe.launch.launcher
     if name not in LAUNCHERS:
         raise UserError(f"launcher {name!r} is not one of {', '.join(LAUNCHERS)}")
     if name == "inprocess":
-        return InProcessLauncher()
+        return PythonLauncher() if jobs > 1 else InProcessLauncher()
     cfg = launch_config or recipe.launch.config
     if cfg is not None and not Path(cfg).exists():
         raise UserError(f"{cfg}: no such accelerate config; pass one of the launch/*.yaml files with --launch-config")
@@ -504,17 +583,22 @@ class Pipeline:
             return eval_state(self.size_run_dirs(stage.size))
         return RUNNING  # the report is cheap and always rebuilt
 
-    def run(self, only: list[str] | None = None) -> int:
-        """Run (or skip/resume) every stage; returns 0 when all are done, 1 otherwise."""
+    def run(self, only: list[str] | None = None, jobs: int = 1) -> int:
+        """Run (or skip/resume) every stage; returns 0 when all are done, 1 otherwise.
+
+        ``jobs`` > 1 trains up to that many runs at once, as subprocesses, in dependency order.
+        """
+        if jobs < 1:
+            raise UserError(f"--jobs must be at least 1, got {jobs}")
         if only:
             unknown = [s for s in only if s not in self.by_id]
             if unknown:
                 raise UserError(f"unknown stage(s) {unknown}; stages are: {', '.join(self.by_id)}")
         self.out.mkdir(parents=True, exist_ok=True)
         with _OutLock(self.out, shared=only is not None):
-            return self._run(only)
+            return self._run(only, jobs)
 
-    def _run(self, only: list[str] | None) -> int:
+    def _run(self, only: list[str] | None, jobs: int) -> int:
         self._write_inputs()
         self._load_state()
         # Check every finished/partial run dir against the recipe before training anything.
@@ -522,49 +606,111 @@ class Pipeline:
             if st.kind == "train" and (only is None or st.id in only):
                 train_state(st)
         self.print(f"llm-refine pipeline: {self.recipe.name} -> {self.out} ({len(self.stages)} stages)")
-        failed_ids: set[str] = set()
-        for i, stage in enumerate(self.stages, 1):
-            if only is not None and stage.id not in only:
-                continue
-            bad = [d for d in stage.deps if d in failed_ids]
-            if only is not None:
-                bad += [d for d in stage.deps if d not in only and self.current_state(self.by_id[d]) != SKIPPED]
-            if bad and stage.kind != "report":
-                failed_ids.add(stage.id)
-                self._set(stage, BLOCKED, blocked_by=bad)
-                self._line(i, stage, BLOCKED, f"(needs {', '.join(bad)})")
-                continue
-            state = self.current_state(stage)
-            if state == SKIPPED:
-                self._set(stage, SKIPPED)
-                self._line(i, stage, SKIPPED, self._detail(stage))
-                continue
-            self._set(stage, state, started=_now())
-            self._line(i, stage, state)
-            t0 = time.time()
-            try:
-                detail = self._execute(stage)
-            except KeyboardInterrupt:
-                self._set(stage, INTERRUPTED, wall_s=round(time.time() - t0, 2))
-                self._line(i, stage, INTERRUPTED, "rerun the same command to resume")
-                raise
-            except Exception as e:  # a failed stage blocks its dependents, not the other sizes
-                failed_ids.add(stage.id)
-                if not isinstance(e, UserError):  # a bug or a crash: keep the traceback visible
-                    traceback.print_exc(file=sys.stderr)
-                msg = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
-                self._set(stage, FAILED, error=msg, wall_s=round(time.time() - t0, 2))
-                self._line(i, stage, FAILED, msg.splitlines()[0] if msg else "")
-                continue
-            self._set(stage, DONE, wall_s=round(time.time() - t0, 2), finished=_now())
-            self._line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
+        if jobs > 1 and not hasattr(self.launcher, "start"):
+            raise UserError("--jobs > 1 needs a launcher that starts subprocesses (the default ones do)")
+        todo = [(i, st) for i, st in enumerate(self.stages, 1) if only is None or st.id in only]
+        waiting = {st.id for _, st in todo}
+        running: dict[str, tuple[int, Stage, Any, float]] = {}
+        failed: set[str] = set()
+        try:
+            while todo or running:
+                started = self._start_ready(todo, waiting, running, failed, only, jobs)
+                finished = self._reap(running, failed)
+                if not started and not finished:
+                    # Stages are in dependency order, so with nothing running one is always startable.
+                    assert running, f"pipeline scheduler stuck on {[st.id for _, st in todo]}"
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            for i, st, handle, t0 in running.values():
+                handle.terminate()
+                self._set(st, INTERRUPTED, wall_s=round(time.time() - t0, 2))
+                self._line(i, st, INTERRUPTED, "rerun the same command to resume")
+            raise
         counts: dict[str, int] = {}
         for sid, entry in self.state["stages"].items():
             if only is None or sid in only:
                 counts[entry["state"]] = counts.get(entry["state"], 0) + 1
         self.print("pipeline: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                    + (f"; report: {self.out / 'report.md'}" if (self.out / "report.md").exists() else ""))
-        return 1 if failed_ids else 0
+        return 1 if failed else 0
+
+    def _start_ready(self, todo, waiting, running, failed, only, jobs) -> bool:
+        """Start (or skip, or block) the first stage in plan order whose dependencies are settled.
+
+        Training stages run as background subprocesses when ``jobs`` > 1, up to ``jobs`` at once;
+        everything else (refine, evaluate, report: seconds) runs here, in order.
+        """
+        for pos, (i, stage) in enumerate(todo):
+            if any(d in waiting or d in running for d in stage.deps):
+                continue
+            is_async = stage.kind == "train" and jobs > 1
+            if is_async and len(running) >= jobs:
+                continue
+            del todo[pos]
+            waiting.discard(stage.id)
+            bad = [d for d in stage.deps if d in failed]
+            if only is not None:
+                bad += [d for d in stage.deps if d not in only and self.current_state(self.by_id[d]) != SKIPPED]
+            if bad and stage.kind != "report":
+                failed.add(stage.id)
+                self._set(stage, BLOCKED, blocked_by=bad)
+                self._line(i, stage, BLOCKED, f"(needs {', '.join(bad)})")
+                return True
+            state = self.current_state(stage)
+            if state == SKIPPED:
+                self._set(stage, SKIPPED)
+                self._line(i, stage, SKIPPED, self._detail(stage))
+                return True
+            self._set(stage, state, started=_now())
+            self._line(i, stage, state)
+            t0 = time.time()
+            try:
+                if is_async:
+                    self._prepare_train(stage)
+                    handle = self.launcher.start(stage, self.base_config_path, self.recipe, prefix=f"[{stage.id}]")
+                    running[stage.id] = (i, stage, handle, t0)
+                    return True
+                detail = self._execute(stage)
+            except KeyboardInterrupt:
+                self._set(stage, INTERRUPTED, wall_s=round(time.time() - t0, 2))
+                self._line(i, stage, INTERRUPTED, "rerun the same command to resume")
+                raise
+            except Exception as e:  # a failed stage blocks its dependents, not the other sizes
+                self._fail(i, stage, e, t0, failed)
+                return True
+            self._done(i, stage, t0, detail)
+            return True
+        return False
+
+    def _reap(self, running, failed) -> bool:
+        """Settle the background runs that have exited."""
+        any_done = False
+        for sid in list(running):
+            i, stage, handle, t0 = running[sid]
+            if handle.poll() is None:
+                continue
+            del running[sid]
+            any_done = True
+            try:
+                handle.check()
+                detail = self._finish_train(stage)
+            except Exception as e:
+                self._fail(i, stage, e, t0, failed, trace=False)
+                continue
+            self._done(i, stage, t0, detail)
+        return any_done
+
+    def _fail(self, i, stage, e, t0, failed, trace: bool = True) -> None:
+        failed.add(stage.id)
+        if trace and not isinstance(e, UserError):  # a bug or a crash: keep the traceback visible
+            traceback.print_exc(file=sys.stderr)
+        msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        self._set(stage, FAILED, error=msg, wall_s=round(time.time() - t0, 2))
+        self._line(i, stage, FAILED, msg.splitlines()[0] if msg else "")
+
+    def _done(self, i, stage, t0, detail: str) -> None:
+        self._set(stage, DONE, wall_s=round(time.time() - t0, 2), finished=_now())
+        self._line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
 
     def _detail(self, stage: Stage) -> str:
         if stage.kind == "train":
@@ -575,18 +721,25 @@ class Pipeline:
             return _refine_detail(_read_json(stage.run_dir / REFINED_FILE) or {})
         return ""
 
+    def _prepare_train(self, stage: Stage) -> None:
+        """Write the stage marker (what is launched, and the refined schedule's hash) first."""
+        if self.launcher is None:
+            raise UserError("no launcher configured")
+        refined = stage.run_dir.parent / REFINED_FILE if stage.schedule_name == REFINED else None
+        extra = {"schedule_sha256": sha256_file(refined)} if refined is not None and refined.exists() else {}
+        stage.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stage.run_dir / STAGE_MARKER, _marker(stage, {**extra, "launched": _now()}))
+
+    def _finish_train(self, stage: Stage) -> str:
+        if not (stage.run_dir / "summary.json").exists():
+            raise RuntimeError(f"{stage.run_dir}: training returned without writing summary.json")
+        return self._detail(stage)
+
     def _execute(self, stage: Stage) -> str:
         if stage.kind == "train":
-            refined = stage.run_dir.parent / REFINED_FILE if stage.schedule_name == REFINED else None
-            extra = {"schedule_sha256": sha256_file(refined)} if refined is not None and refined.exists() else {}
-            stage.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(stage.run_dir / STAGE_MARKER, _marker(stage, {**extra, "launched": _now()}))
-            if self.launcher is None:
-                raise UserError("no launcher configured")
+            self._prepare_train(stage)
             self.launcher.train(stage, self.base_config_path, self.recipe)
-            if not (stage.run_dir / "summary.json").exists():
-                raise RuntimeError(f"{stage.run_dir}: training returned without writing summary.json")
-            return self._detail(stage)
+            return self._finish_train(stage)
         if stage.kind == "refine":
             hist = self.baseline_dir(stage.size) / "gradnorms.jsonl"
             if not hist.exists():
@@ -738,6 +891,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--launch-config", default=None, help="accelerate config for --launcher accelerate, e.g. launch/ddp.yaml")
     parser.add_argument("--stage", action="append", default=None, metavar="ID",
                         help="run only this stage (repeatable; used by the emitted SLURM scripts)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train up to N runs at once, each in its own process (default 1: one after another)")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and their state, run nothing")
     return parser
 
@@ -764,8 +919,9 @@ def main_pipeline(args: argparse.Namespace) -> int:
             verb = {SKIPPED: "would skip", RESUMED: "would resume", RUNNING: "would run"}.get(state, state)
             pipe._line(i, st, verb)
         return 0
-    pipe.launcher = make_launcher(recipe, launcher_name, launch_config)
-    return pipe.run(only=getattr(args, "stage", None))
+    jobs = int(getattr(args, "jobs", 1) or 1)
+    pipe.launcher = make_launcher(recipe, launcher_name, launch_config, jobs=jobs)
+    return pipe.run(only=getattr(args, "stage", None), jobs=jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

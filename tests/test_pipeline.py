@@ -399,3 +399,110 @@ def test_a_second_pipeline_on_the_same_out_is_refused(tmp_path):
             pipe.run()  # a whole run needs it alone
         assert pipe.run(only=["cpu-0.5m/linear"]) == 0  # other stage jobs may run beside it
     assert pipe.run() == 0  # released
+
+
+class ThreadRun:
+    """A ChildRun stand-in: the fake training in a thread."""
+
+    def __init__(self, fn):
+        import threading
+
+        self.error = None
+
+        def body():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported through check()
+                self.error = e
+
+        self.thread = threading.Thread(target=body)
+        self.thread.start()
+
+    def poll(self):
+        return None if self.thread.is_alive() else (1 if self.error else 0)
+
+    def check(self):
+        if self.error:
+            raise RuntimeError(f"child failed: {self.error}")
+
+    def terminate(self):
+        self.thread.join()
+
+
+class ParallelFake(FakeLauncher):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        import threading
+
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.order: list[tuple[str, str]] = []
+
+    def start(self, stage, base_config_path, recipe, prefix=None):
+        assert prefix == f"[{stage.id}]"
+
+        def fn():
+            import time
+
+            with self.lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                self.order.append(("start", stage.id))
+            time.sleep(0.15)
+            try:
+                self.train(stage, base_config_path, recipe)
+            finally:
+                with self.lock:
+                    self.active -= 1
+                    self.order.append(("end", stage.id))
+
+        return ThreadRun(fn)
+
+
+def test_jobs_run_trainings_in_parallel_in_dependency_order(tmp_path):
+    launcher = ParallelFake(fail={"cpu-2m/cosine"})
+    pipe, lines = make_pipeline(tmp_path, launcher)
+    assert pipe.run(jobs=2) == 1
+    assert launcher.max_active == 2  # two trainings at once, never more
+    ev = launcher.order
+    for size in ("cpu-0.5m", "cpu-2m"):
+        # the refined run starts only after its baseline ended (and the refine stage ran)
+        assert ev.index(("end", f"{size}/linear")) < ev.index(("start", f"{size}/refined"))
+    st = states(lines)
+    assert st["cpu-0.5m/refine"] == ["running", "done"] and st["cpu-0.5m/evaluate"] == ["running", "done"]
+    assert st["cpu-2m/cosine"] == ["running", "failed"] and st["cpu-2m/evaluate"] == ["blocked"]
+    assert st["report"] == ["running", "done"]
+    # and a rerun with one job finishes what failed, skipping the rest
+    pipe2, lines2 = make_pipeline(tmp_path, FakeLauncher())
+    assert pipe2.run() == 0
+    st2 = states(lines2)
+    assert st2["cpu-2m/cosine"] == ["running", "done"] and st2["cpu-0.5m/refined"] == ["skipped"]
+
+
+def test_python_launcher_command(tmp_path):
+    from llm_refine.pipeline import PythonLauncher, make_launcher
+
+    recipe = parse_recipe(fake_recipe(), check_pretrain=False)
+    st = next(s for s in plan(recipe, tmp_path) if s.id == "cpu-2m/cosine")
+    cmd = PythonLauncher().command(st, tmp_path / "base.yaml")
+    assert cmd[1] == "-c" and "run_pretrain(load_pretrain_config(sys.argv[1], sys.argv[2:]))" in cmd[2]
+    assert cmd[3:] == [str(tmp_path / "base.yaml"), *st.overrides]
+    assert isinstance(make_launcher(recipe, jobs=2), PythonLauncher)
+    with pytest.raises(UserError, match="--jobs must be at least 1"):
+        Pipeline(recipe, tmp_path / "o", FakeLauncher()).run(jobs=0)
+
+
+def test_child_run_prefixes_output_and_reports_failure(capfd):
+    import sys as _sys
+
+    from llm_refine.pipeline import ChildRun
+
+    run = ChildRun([_sys.executable, "-c", "print('a'); print(); print('b\\rc', flush=True)"], "[s/x]")
+    assert run.wait() == 0
+    run.check()
+    assert capfd.readouterr().out.splitlines() == ["[s/x] a", "[s/x] b", "[s/x] c"]
+    bad = ChildRun([_sys.executable, "-c", "raise SystemExit(3)"], None)
+    assert bad.wait() == 3
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        bad.check()

@@ -33,6 +33,7 @@ class Cfg:
     dtype: str = "fp32"
     steps: int = 3
     per_group: bool = False
+    offload: bool = False
 
 
 class Block(nn.Module):
@@ -148,6 +149,10 @@ def wrap(cfg: Cfg, rank: int, world: int):
             kw["device_mesh"] = init_device_mesh("cpu", cfg.mesh, mesh_dim_names=("replicate", "shard"))
         if bf16:
             kw["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        if cfg.offload:
+            from torch.distributed.fsdp import CPUOffload
+
+            kw["cpu_offload"] = CPUOffload(offload_params=True)
         strategy = ShardingStrategy[cfg.strategy]
         m = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({Block}),
                  use_orig_params=cfg.orig_params, device_id=torch.device("cpu"), **kw)
@@ -170,6 +175,10 @@ def wrap(cfg: Cfg, rank: int, world: int):
         kw = {"mesh": mesh}
         if bf16:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        if cfg.offload:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
         for b in model.blocks:
             fully_shard(b, **kw)
         fully_shard(model, **kw)

@@ -37,6 +37,8 @@ CONFIGS = [
     C("fsdp2_hsdp_shard2", "fsdp2", mesh=(1, 2), clip=0.5),
     C("fsdp2_hsdp_replicate2", "fsdp2", mesh=(2, 1), accum=2),
     C("fsdp2_bf16", "fsdp2", dtype="bf16"),
+    # CPU offload of parameters and gradients (FSDP1's CPUOffload needs a GPU: not testable here)
+    C("fsdp2_offload", "fsdp2", offload=True, accum=2, clip=0.5),
     # optional per-group norms (groups by parameter name: blocks vs the rest)
     C("ddp_groups", "ddp", per_group=True),
     C("fsdp1_full_orig_groups", "fsdp1", "FULL_SHARD", orig_params=True, per_group=True),
@@ -75,11 +77,12 @@ def test_engine_exact(results, cfg):
         assert facts["strategy"] == cfg.strategy and facts["orig_params"] == cfg.orig_params
         sharded = cfg.strategy in ("FULL_SHARD", "SHARD_GRAD_OP") or cfg.mesh == (1, 2)
         assert facts["sharded"] == sharded
-        assert r0["meta"]["fsdp_strategy"] == cfg.strategy
+        assert r0["meta"]["fsdp_strategy"] == cfg.strategy and r0["meta"]["offload"] == cfg.offload
     elif cfg.engine == "fsdp2":
         assert facts["is_fsdp2"] and facts["dtensor_params"] and facts["backend"] == "fsdp2"
         assert facts["sharded"] == (cfg.mesh != (2, 1))
         assert r0["meta"]["fsdp_strategy"] == ("HSDP" if cfg.mesh else "FULLY_SHARD")
+        assert r0["meta"]["offload"] == cfg.offload
     assert r0["meta"]["world_size"] == 2 and r0["meta"]["config"] == cfg.name
 
     ref = W.reference(cfg)

@@ -336,6 +336,7 @@ class FSDP2Backend(NormBackend):
             self.needs_reduce = True
             self.reduce_group = mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
         self.hsdp = mesh.ndim == 2
+        self.offload = _fsdp2_offloads(model)
 
     def _all_params(self):
         return self.model.parameters()
@@ -366,7 +367,22 @@ class FSDP2Backend(NormBackend):
             "fsdp_strategy": "HSDP" if self.hsdp else "FULLY_SHARD",
             "mesh_shape": list(self.mesh.shape),
             "placements": [str(p) for p in self.placements],
+            "offload": self.offload,
         }
+
+
+def _fsdp2_offloads(model: nn.Module) -> bool:
+    """Whether FSDP2 keeps parameters/gradients on the CPU (CPUOffloadPolicy; private API)."""
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    for m in model.modules():
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None) if state is not None else None
+        if group is not None and isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
+            return True
+    return False
 
 
 def _fsdp2_mesh(model: nn.Module):

@@ -17,6 +17,7 @@ _LAZY = {
     # refinement
     "refine_schedule": "llm_refine.refine",
     "refine_trace": "llm_refine.refine",
+    "refine_file": "llm_refine.refine",
     "prepare_norms": "llm_refine.refine",
     "describe_schedule": "llm_refine.refine",
     "fit_warmup_poly": "llm_refine.refine",
@@ -35,6 +36,13 @@ _LAZY = {
     "GradNormRecorder": "llm_refine.recorder.core",
     "AccelerateGradNormHook": "llm_refine.recorder.accelerate_hook",
     "UserError": "llm_refine.errors",
+    # pretraining
+    "PretrainConfig": "llm_refine.pretrain",
+    "load_pretrain_config": "llm_refine.pretrain",
+    "run_pretrain": "llm_refine.pretrain",
+    "build_model": "llm_refine.models",
+    "prepare_data": "llm_refine.data",
+    "evaluate_checkpoint": "llm_refine.evaluate",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -3,7 +3,6 @@ per-group norms, the Trainer callback and the accelerate hook (no extra processe
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -342,3 +342,20 @@ def engines_worker(rank: int, world: int, port: int, outdir: str, cfgs: list[dic
 
 def cfg_dicts(cfgs: list[Cfg]) -> list[dict]:
     return [asdict(c) for c in cfgs]
+
+
+def spawn(fn, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) -> None:
+    """``torch.multiprocessing.spawn`` with a deadline: a deadlocked collective fails the test
+    (and its processes are killed) instead of hanging CI."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"spawned workers still running after {timeout_s:.0f} s (deadlock?)")

@@ -12,7 +12,6 @@ import json
 import socket
 
 import pytest
-import torch.multiprocessing as mp
 
 import _recorder_workers as W
 
@@ -55,7 +54,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    mp.spawn(W.engines_worker, args=(2, _free_port(), str(out), W.cfg_dicts(CONFIGS)), nprocs=2, join=True)
+    W.spawn(W.engines_worker, (2, _free_port(), str(out), W.cfg_dicts(CONFIGS)))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

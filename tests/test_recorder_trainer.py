@@ -7,7 +7,6 @@ import json
 import socket
 
 import pytest
-import torch.multiprocessing as mp
 
 import _recorder_trainer_workers as W
 from llm_refine.history import read_jsonl
@@ -24,7 +23,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer")
-    mp.spawn(W.trainer_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    from _recorder_workers import spawn
+
+    spawn(W.trainer_worker, (2, _free_port(), str(out)))
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

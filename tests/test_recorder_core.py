@@ -440,3 +440,24 @@ def test_trainer_callback_bf16_close_to_fp32_reference(tmp_path):
     ref = reference_run(data, 3, 4, 1, 0.1, 0.0)
     for r, (l1, l2) in zip(records, ref):
         assert close(r["l1"], l1, 1e-2) and close(r["l2"], l2, 1e-2)
+
+
+def test_comm_device_is_unchanged_for_gloo_and_device_tensors():
+    """Host sums move to the GPU only for an NCCL group (exercised on GPU machines); with gloo
+    (here, a 1-rank group) they stay where they are."""
+    import os
+
+    import torch.distributed as dist
+
+    from llm_refine.recorder.core import _on_comm_device
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        t = torch.ones(2, dtype=torch.float64)
+        assert _on_comm_device(t, None) is t
+    finally:
+        dist.destroy_process_group()

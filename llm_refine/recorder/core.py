@@ -99,6 +99,7 @@ class GradNormRecorder:
             ) from None
 
     # -- per step ---------------------------------------------------------------------------------
+    @torch.no_grad()
     def _step_sums(self) -> torch.Tensor:
         sums = self.backend.local_sums()
         if self.param_groups is not None:

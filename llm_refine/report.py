@@ -529,33 +529,44 @@ def plot_schedules(runs: list[RunResult], size: str, path: Path, artifact: dict 
 
 
 def plot_val_curves(runs: list[RunResult], size: str, path: Path) -> Path | None:
+    """Two panels: the whole validation-loss curves, and the second half of training zoomed in,
+    where the schedules differ (the curves of seeds beyond the first are drawn lighter)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 3.8))
     best = best_cells(runs)
     drawn = 0
-    lo = []
+    late: list[float] = []
+    last_step = 0
+    sweep = len({x.lr_key for x in runs}) > 1
     for i, sched in enumerate(_sched_sort(r.schedule for r in runs if r.size == size)):
         lr, c = best[(size, sched)]
         for j, r in enumerate(sorted(c.runs, key=lambda r: r.seed or 0)):
             steps, vals = r.val_curve()
             if not steps:
                 continue
-            lab = f"{sched}" + (f" (lr×{lr:g})" if r.lr_multiplier is not None and len({x.lr_key for x in runs}) > 1 else "")
-            ax.plot(steps, vals, marker="o", ms=2.5, lw=1.4, color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
-                    label=lab if j == 0 else None)
-            lo += vals
+            lab = sched + (f" (lr×{lr:g})" if r.lr_multiplier is not None and sweep else "")
+            for ax in (full, zoom):
+                ax.plot(steps, vals, marker="o", ms=2.5, lw=1.4, color=f"C{i}", alpha=1.0 if j == 0 else 0.45,
+                        label=lab if j == 0 else None)
+            half = max(steps) / 2
+            late += [v for s, v in zip(steps, vals) if s >= half]
+            last_step = max(last_step, max(steps))
             drawn += 1
     if not drawn:
         plt.close(fig)
         return None
-    # Zoom on the second half of the range so the end of training, where schedules differ, is readable.
-    lo.sort()
-    ax.set_ylim(lo[0] - 0.02 * abs(lo[0]), lo[len(lo) // 2] + 0.25 * (lo[len(lo) // 2] - lo[0]) + 1e-6)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{size}: validation loss (each schedule at its best LR)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if late:
+        lo, hi = min(late), max(late)
+        pad = 0.05 * (hi - lo) + 1e-6
+        zoom.set_xlim(last_step / 2 - 0.02 * last_step, last_step * 1.02)
+        zoom.set_ylim(lo - pad, hi + pad)
+    full.set_title(f"{size}: validation loss (each schedule at its best LR)")
+    zoom.set_title("second half of training")
+    for ax in (full, zoom):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    full.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -265,7 +265,8 @@ def test_trainer_callback_per_group(tmp_path):
         assert close(math.sqrt(sum(v * v for v in g2.values())), r["l2"], 1e-9)
 
 
-def test_accelerate_hook_custom_loop_fp32(tmp_path):
+@pytest.mark.parametrize("reuse_norm", [True, False])
+def test_accelerate_hook_custom_loop_fp32(tmp_path, reuse_norm):
     from accelerate import Accelerator
 
     from llm_refine import AccelerateGradNormHook
@@ -277,7 +278,7 @@ def test_accelerate_hook_custom_loop_fp32(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
     model, opt, loader = accelerator.prepare(model, opt, loader)
-    hook = AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl", flush_every=2)
+    hook = AccelerateGradNormHook(accelerator, model, opt, tmp_path / "g.jsonl", flush_every=2, reuse_norm=reuse_norm)
     for i, batch in enumerate(loader):
         if i == 8:
             break

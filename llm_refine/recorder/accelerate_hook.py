@@ -24,6 +24,8 @@ import os
 import types
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from ..errors import UserError
 from .backends import detect_backend, grad_scale_of, world_size
 from .core import GradNormRecorder
@@ -43,9 +45,9 @@ class AccelerateGradNormHook:
     module / DeepSpeed engine; ``AcceleratedOptimizer``). ``start_step``: the 0-based index of the
     next optimizer step (resume: the checkpoint's step count); records past it already in the file
     are dropped. ``step_fn``: overrides the internal counter (the Trainer passes its global_step).
-    ``answer_norm_queries``: answer ``accelerator.clip_grad_norm_(params, inf)`` (a pure norm query,
-    e.g. the Trainer's ``grad_norm`` log without clipping) with the recorder's own ℓ2, so the
-    gradients are not read twice; set False to always run accelerate's own computation.
+    ``reuse_norm``: answer ``accelerator.clip_grad_norm_`` calls on all the model's parameters
+    from the recorder's sums (ℓ2: the same value; clipping: torch's rule on the local shards),
+    so the gradients are read once per step, not twice; False runs accelerate's own code.
     ``expect_clip_call``: the loop clips every step, so a step without an
     ``accelerator.clip_grad_norm_`` call means it clipped some other way: raise instead of
     recording post-clip norms (the Trainer callback sets it when ``max_grad_norm > 0``).
@@ -64,11 +66,11 @@ class AccelerateGradNormHook:
         norms: Sequence[str] = ("l1", "l2"),
         meta: Mapping[str, Any] | None = None,
         per_group: bool = False,
-        answer_norm_queries: bool = True,
+        reuse_norm: bool = True,
         expect_clip_call: bool = False,
     ):
         self.accelerator = accelerator
-        self.answer_norm_queries = answer_norm_queries
+        self.reuse_norm = reuse_norm
         self.expect_clip_call = expect_clip_call
         self._sums = None
         self._param_ids: frozenset | None = None
@@ -134,6 +136,23 @@ class AccelerateGradNormHook:
             self._param_ids = frozenset(id(p) for p in self.recorder.backend._params())
         return frozenset(id(p) for p in params if getattr(p, "requires_grad", False)) == self._param_ids
 
+    def _clip_from_sums(self, max_norm: float):
+        """``accelerator.clip_grad_norm_(all params, max_norm)`` answered from the sums just
+        captured (global, reduced, loss scale undone) instead of reading every gradient and
+        all-reducing a second time: the Trainer calls it every step, with ``inf`` only to log
+        ``grad_norm``. Clipping is torch's rule, ``g *= min(1, max_norm / (‖g‖ + 1e-6))``, applied
+        to this rank's local gradient shards, after accelerate's own ``unscale_gradients()``."""
+        total = self._sums[1].sqrt()
+        if max_norm != float("inf"):
+            self.accelerator.unscale_gradients()  # what accelerate does before clipping
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
+            buckets: dict[torch.device, list[torch.Tensor]] = {}
+            for _, g in self.recorder.backend._local_grads():
+                buckets.setdefault(g.device, []).append(g)
+            for dev, grads in buckets.items():
+                torch._foreach_mul_(grads, coef.to(dev))
+        return total.float()
+
     # -- torch engines: wrap accelerator.clip_grad_norm_ and optimizer.step --------------------------
     def _set(self, obj, name, value):
         self._restore.append((obj, name, obj.__dict__.get(name, _MISSING)))
@@ -147,14 +166,10 @@ class AccelerateGradNormHook:
         def clip_grad_norm_(parameters, max_norm, norm_type=2, *args, **kwargs):
             if acc.sync_gradients:
                 hook._capture_once()  # before clipping: the recorded norm is the pre-clip one
-                if hook.answer_norm_queries and _is_inf(max_norm) and norm_type == 2 and not args and not kwargs:
+                if hook.reuse_norm and norm_type == 2 and not args and not kwargs and _is_number(max_norm):
                     parameters = list(parameters)
                     if hook._is_all_params(parameters):
-                        # A call that only asks for the total ℓ2 (the Trainer does this every step
-                        # when max_grad_norm=0): the recorder just computed it, globally reduced,
-                        # so answer from it instead of reading every gradient (and all-reducing) a
-                        # second time. With max_norm=inf the call changes nothing: skipping is safe.
-                        return hook._sums[1].sqrt().float()
+                        return hook._clip_from_sums(float(max_norm))
             return orig(parameters, max_norm, norm_type, *args, **kwargs)
 
         self._set(acc, "clip_grad_norm_", clip_grad_norm_)
@@ -233,8 +248,9 @@ class AccelerateGradNormHook:
 _MISSING = object()
 
 
-def _is_inf(x) -> bool:
+def _is_number(x) -> bool:
     try:
-        return float(x) == float("inf")
+        float(x)
     except (TypeError, ValueError):
         return False
+    return True

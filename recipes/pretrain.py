@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (sections model, data, train, schedule, output_dir)")
     p.add_argument("--output_dir", help="overrides the recipe's output_dir")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    # action="extend": `--set a=1 --set b=2` keeps both (plain nargs would keep only the last).
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=50 schedule.name=cosine schedule.file=s.json")
     p.add_argument("--prepare_only", action="store_true",
                    help="only train the tokenizer and tokenize/pack the data into the cache, then exit "

@@ -194,6 +194,10 @@ def test_recipe_cli_in_process(tmp_path, capsys):
     assert printed["tokens_seen"] == 4 * 8 * 128
     rc = mod["main"]([str(REPO / "recipes" / "pretrain_tiny.yaml"), "--set", "model.size=nope"])
     assert rc == 2 and "unknown model size" in capsys.readouterr().err
+    # repeated --set flags all count (the bad size comes first and must not be dropped)
+    rc = mod["main"]([str(REPO / "recipes" / "pretrain_tiny.yaml"), "--output_dir", str(tmp_path / "r"),
+                      "--set", "model.size=nope", "--set", "train.max_steps=1"])
+    assert rc == 2 and "unknown model size" in capsys.readouterr().err
     rc = mod["main"]([str(REPO / "recipes" / "pretrain_tiny.yaml"), "--output_dir", str(tmp_path / "p"), "--prepare_only"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["train_sequences"] > 10_000
     assert not (tmp_path / "p").exists()

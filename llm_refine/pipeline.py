@@ -920,6 +920,13 @@ def main_pipeline(args: argparse.Namespace) -> int:
             pipe._line(i, st, verb)
         return 0
     jobs = int(getattr(args, "jobs", 1) or 1)
+    # The pipeline prints one line per stage and the runs print their own progress lines; the
+    # per-checkpoint "Writing model shards" / "Loading weights" bars of transformers only bury them.
+    # (The environment variable carries that to runs launched as subprocesses.)
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging.disable_progress_bar()
     pipe.launcher = make_launcher(recipe, launcher_name, launch_config, jobs=jobs)
     return pipe.run(only=getattr(args, "stage", None), jobs=jobs)
 

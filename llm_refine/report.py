@@ -414,18 +414,11 @@ def _plt():
     return plt
 
 
-def smooth(values, window: int):
-    """Centered moving average (edges use the available points): the trend under the noise."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    if window <= 1 or v.size < 3:
-        return v
-    w = min(window, v.size)
-    kernel = np.ones(w)
-    num = np.convolve(np.nan_to_num(v), kernel, mode="same")
-    den = np.convolve(np.isfinite(v).astype(np.float64), kernel, mode="same")
-    return num / np.maximum(den, 1.0)
+def _tau_of(entry) -> float:
+    """The τ a size's refinement used (from its schedule file's provenance), else the default 0.1."""
+    art = entry[1] if entry else None
+    tau = _num(((art or {}).get("provenance") or {}).get("tau"))
+    return float(tau) if tau is not None else 0.1
 
 
 def _baseline_for(runs: list[RunResult], size: str) -> RunResult | None:
@@ -437,8 +430,12 @@ def _baseline_for(runs: list[RunResult], size: str) -> RunResult | None:
     return cand[0]
 
 
-def plot_gradnorms(run: RunResult, path: Path) -> Path | None:
+def plot_gradnorms(run: RunResult, path: Path, tau: float = 0.1) -> Path | None:
+    """Raw norms of the baseline and the median-filtered norms the refinement used (same τ)."""
+    import warnings
+
     from .history import read_jsonl
+    from .refine import median_width, prepare_norms, smooth_norms
 
     try:
         _, records = read_jsonl(run.history)
@@ -454,9 +451,15 @@ def plot_gradnorms(run: RunResult, path: Path) -> Path | None:
         rows = [(int(r["step"]), r[k]) for r in records if _num(r.get(k)) is not None]
         steps = [s for s, _ in rows]
         vals = [v for _, v in rows]
-        w = max(3, len(vals) // 20)
         ax.plot(steps, vals, lw=0.6, alpha=0.45, color="C0", label="raw")
-        ax.plot(steps, smooth(vals, w), lw=1.8, color="C3", label=f"smoothed (window {w})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                full_steps, full_vals, _ = prepare_norms(steps, vals, source=str(run.history))
+            w = median_width(full_vals.size, tau)
+            ax.plot(full_steps, smooth_norms(full_vals, tau), lw=1.8, color="C3", label=f"median filter (width {w}, tau {tau:g})")
+        except UserError:
+            pass  # too few or non-positive values: the raw curve alone
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"gradient {k} norm")
@@ -746,7 +749,7 @@ def build_report(runs: list[RunResult], out: str | os.PathLike, *, title: str = 
         for fn, name, cap in (
             (lambda s, path: plot_schedules(runs, s, path, arts.get(s, (None, None))[1]), "schedules", "LR schedules: refined beside linear and cosine"),
             (lambda s, path: plot_val_curves(runs, s, path), "val_loss", "validation loss curves"),
-            (lambda s, path: plot_gradnorms(_baseline_for(runs, s), path) if _baseline_for(runs, s) else None,
+            (lambda s, path: plot_gradnorms(_baseline_for(runs, s), path, _tau_of(arts.get(s))) if _baseline_for(runs, s) else None,
              "gradnorms", "raw and smoothed gradient norms of the linear baseline"),
         ):
             p = fn(size, plots / f"{name}-{_safe(size)}.png")

@@ -18,7 +18,6 @@ from llm_refine.report import (
     fairness_rows,
     loss_table,
     main_compare,
-    smooth,
     sweep_table,
 )
 
@@ -212,12 +211,36 @@ def test_compare_rebuilds_report(tmp_path, capsys):
         main_compare(argparse.Namespace(dirs=[str(tmp_path / "empty")], out=None, title=None))
 
 
-def test_smooth_keeps_length_and_constant():
-    v = np.full(50, 3.0)
-    assert np.allclose(smooth(v, 7), 3.0)
-    noisy = np.sin(np.arange(200)) + 5
-    s = smooth(noisy, 20)
-    assert s.shape == noisy.shape and s[50:150].std() < noisy.std() / 3
+def test_gradnorms_plot_draws_the_refinement_median_filter(tmp_path, monkeypatch):
+    """The smoothed curve is the refinement's own median filter at the schedule's tau."""
+    from llm_refine import report as rep
+    from llm_refine.history import write_history
+    from llm_refine.refine import smooth_norms
+
+    run_dir = tmp_path / "linear"
+    vals = np.exp(-np.arange(100) / 30) + 0.5
+    write_history(run_dir / "gradnorms.jsonl", [{"step": i, "l1": float(v), "l2": float(v) / 3} for i, v in enumerate(vals)])
+    drawn = []
+    real = rep._plt()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def subplots(self, *a, **k):
+            fig, axes = real.subplots(*a, **k)
+            for ax in axes.ravel():
+                orig = ax.plot
+                ax.plot = lambda x, y, *aa, _o=orig, **kk: (drawn.append((kk.get("label", ""), np.asarray(y))), _o(x, y, *aa, **kk))[1]
+            return fig, axes
+
+    monkeypatch.setattr(rep, "_plt", lambda: Spy())
+    run = type("R", (), {"history": run_dir / "gradnorms.jsonl", "size": "s"})()
+    out = rep.plot_gradnorms(run, tmp_path / "g.png", tau=0.2)
+    assert out.exists()
+    smoothed = [y for label, y in drawn if label.startswith("median filter (width 21, tau 0.2)")]
+    assert len(smoothed) == 2
+    np.testing.assert_allclose(smoothed[0], smooth_norms(vals, 0.2))
 
 
 def test_compare_keeps_separate_sweeps_apart(tmp_path):

@@ -144,28 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     sz = sub.add_parser("sizes", help="print the table of named model sizes")
     sz.set_defaults(func=cmd_sizes)
 
-    b = sub.add_parser("bench", help="benchmarks: refinement speed/memory (and more, see --help)")
+    b = sub.add_parser("bench", help="benchmark: refinement speed and memory vs numpy.sort")
     from .bench import add_bench_arguments
 
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
-    try:
-        from .pipeline import add_pipeline_arguments, main_pipeline
+    from .pipeline import add_pipeline_arguments, main_pipeline
+    from .report import add_compare_arguments, main_compare
 
-        pp = sub.add_parser("pipeline", help="per size: linear baseline -> refine -> rerun (+ controls) -> report")
-        add_pipeline_arguments(pp)
-        pp.set_defaults(func=main_pipeline)
-    except ImportError:
-        pass
-    try:
-        from .report import add_compare_arguments, main_compare
-
-        cp = sub.add_parser("compare", help="rebuild the comparison report from existing run directories")
-        add_compare_arguments(cp)
-        cp.set_defaults(func=main_compare)
-    except ImportError:
-        pass
+    for name, add, func, help_ in (
+        ("pipeline", add_pipeline_arguments, main_pipeline, "per size: linear baseline -> refine -> rerun (+ controls) -> report"),
+        ("compare", add_compare_arguments, main_compare, "rebuild the comparison report from existing run directories"),
+    ):
+        sp = sub.add_parser(name, help=help_)
+        add(sp)
+        sp.set_defaults(func=func)
     return p
 
 

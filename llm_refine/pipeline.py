@@ -932,13 +932,10 @@ def main_pipeline(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_pipeline_arguments(argparse.ArgumentParser(prog="llm-refine pipeline", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return main_pipeline(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m llm_refine.pipeline ...`` = ``llm-refine pipeline ...`` (same errors, same exit codes)."""
+    from .cli import main as cli_main
+
+    return cli_main(["pipeline", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

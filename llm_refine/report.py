@@ -414,6 +414,14 @@ def _plt():
     return plt
 
 
+def _save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _tau_of(entry) -> float:
     """The τ a size's refinement used (from its schedule file's provenance), else the default 0.1."""
     art = entry[1] if entry else None
@@ -466,11 +474,7 @@ def plot_gradnorms(run: RunResult, path: Path, tau: float = 0.1) -> Path | None:
         ax.set_title(f"{run.size}: {k} gradient norm (linear baseline)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def _schedule_curve(r: RunResult):
@@ -524,11 +528,7 @@ def plot_schedules(runs: list[RunResult], size: str, path: Path, artifact: dict 
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_val_curves(runs: list[RunResult], size: str, path: Path) -> Path | None:
@@ -570,11 +570,7 @@ def plot_val_curves(runs: list[RunResult], size: str, path: Path) -> Path | None
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
     full.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_loss_vs_size(runs: list[RunResult], path: Path) -> Path | None:
@@ -612,11 +608,7 @@ def plot_loss_vs_size(runs: list[RunResult], path: Path) -> Path | None:
     ax.set_title("final validation loss vs model size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,15 +800,12 @@ def main_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python eval/compare.py ...`` = ``llm-refine compare ...`` (same errors, same exit codes)."""
     import sys
 
-    parser = add_compare_arguments(argparse.ArgumentParser(prog="llm-refine compare", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return main_compare(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import main as cli_main
+
+    return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -258,6 +259,14 @@ class _BatchProbe:
         return digest
 
 
+def _say(line: str) -> None:
+    """A progress line on stdout; tqdm.write keeps an active progress bar intact around it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: int):
     from transformers import TrainerCallback
 
@@ -292,8 +301,8 @@ def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: i
             _append(out / TRAIN_LOG, rec)
             if print_every and (state.global_step % print_every == 0 or state.global_step == state.max_steps):
                 rate = (state.global_step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-                print(f"[pretrain] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                      f"lr {rec['lr']:.3g} ({rate:.1f} steps/s)", flush=True)
+                _say(f"[pretrain] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                     f"lr {rec['lr']:.3g} ({rate:.1f} steps/s)")
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if not metrics or "eval_loss" not in metrics or state.global_step == self.last_eval_step:
@@ -302,7 +311,7 @@ def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: i
             if is_main:
                 _append(out / EVAL_LOG, {"step": state.global_step, "val_loss": metrics["eval_loss"]})
                 if print_every:
-                    print(f"[pretrain] step {state.global_step} val_loss {metrics['eval_loss']:.4f}", flush=True)
+                    _say(f"[pretrain] step {state.global_step} val_loss {metrics['eval_loss']:.4f}")
 
     return RunLogCallback()
 
@@ -501,6 +510,14 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
     trainer.batch_probe = probe
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    if is_main and sys.stderr.isatty():
+        # At a terminal: the Trainer's progress bar, without its per-log dict lines (the
+        # [pretrain] lines and train_log.jsonl carry those). In logs (no TTY): lines only.
+        class _BarOnlyProgress(ProgressCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                pass
+
+        trainer.add_callback(_BarOnlyProgress())
     use_schedule(trainer, cfg.schedule)
 
     t0 = time.perf_counter()

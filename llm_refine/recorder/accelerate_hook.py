@@ -106,6 +106,9 @@ class AccelerateGradNormHook:
             flush_every,
             meta=full_meta,
             resume_after_step=self.step - 1,
+            # DeepSpeed clips by itself, so no one needs the global norm inside the step: reduce
+            # the buffered per-step sums once per flush instead of once per step.
+            reduce_at_flush=_is_deepspeed(accelerator),
             norms=norms,
             param_groups=groups,
         )

@@ -47,6 +47,11 @@ class GradNormRecorder:
     already in the file (resume from a checkpoint at global step N → N-1). ``param_groups``:
     optional list of parameter lists (e.g. ``[g["params"] for g in optimizer.param_groups]``);
     adds per-group norms under ``"groups"``, named by ``group_names`` (default "0", "1", ...).
+    ``reduce_at_flush``: keep each step's *local* sums in the buffer and all-reduce the whole
+    buffer once per flush instead of once per step (exact: the sums are linear). Then every flush
+    is a collective, so all ranks must flush at the same steps (the Trainer callback and the
+    accelerate hook do), and ``capture`` returns this rank's local sums. Used for DeepSpeed, where
+    nothing needs the global norm inside the step (DeepSpeed clips by itself).
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class GradNormRecorder:
         *,
         meta: Mapping[str, Any] | None = None,
         resume_after_step: int | None = None,
+        reduce_at_flush: bool = False,
         norms: Sequence[str] = _NORMS,
         param_groups: Sequence[Iterable[torch.nn.Parameter]] | None = None,
         group_names: Sequence[str] | None = None,
@@ -89,6 +95,7 @@ class GradNormRecorder:
         self._skips: dict[int, str] = {}
         self.last: dict | None = None  # the latest flushed norm record (for logging)
         self.captured = 0
+        self.reduce_at_flush = bool(reduce_at_flush)
 
     def _group_sums(self) -> torch.Tensor:
         try:
@@ -100,7 +107,7 @@ class GradNormRecorder:
 
     # -- per step ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _step_sums(self) -> torch.Tensor:
+    def _step_sums(self, reduce: bool = True) -> torch.Tensor:
         sums = self.backend.local_sums()
         if self.param_groups is not None:
             g = self._group_sums().to(sums.device, sums.dtype)
@@ -108,18 +115,20 @@ class GradNormRecorder:
         if self.backend.needs_reduce:
             group = self.backend.reduce_group
             sums = _on_comm_device(sums, group)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            if reduce:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         return sums
 
     def capture(self, step: int) -> torch.Tensor:
         """Record the current gradients as optimizer step ``step`` (0-based). Call on every rank.
 
-        Returns the global sums [Σ|g|, Σg²] as a device tensor (no host sync)."""
+        Returns the global sums [Σ|g|, Σg²] as a device tensor (no host sync); with
+        ``reduce_at_flush``, this rank's local sums."""
         if len(self._steps) >= self.flush_every:
             # Flush lazily, at the NEXT capture: by then the caller has had the chance to
             # mark_skipped() the previous step, so a skipped step is never written as norms.
             self.flush()
-        sums = self._step_sums()
+        sums = self._step_sums(reduce=not self.reduce_at_flush)
         if self._buf is None or self._buf.shape[1] != sums.numel() or self._buf.device != sums.device:
             if self._steps:
                 self.flush()  # never drop pending rows when the buffer has to be reallocated
@@ -139,6 +148,9 @@ class GradNormRecorder:
     def flush(self) -> list[dict]:
         """Copy pending sums to the host (one sync), write them (rank 0), return the records."""
         n = len(self._steps)
+        if n and self.reduce_at_flush and self.backend.needs_reduce:
+            # One all-reduce for every step since the last flush (a contiguous (n, k) block).
+            dist.all_reduce(self._buf[:n], op=dist.ReduceOp.SUM, group=self.backend.reduce_group)
         host = self._buf[:n].cpu().double() if n else None  # the one device->host sync
         records: dict[int, dict] = {}
         for i, step in enumerate(self._steps):

@@ -51,6 +51,7 @@ def main(argv=None):
             optimizer.zero_grad()
     hook.close()  # flush, close the file, remove the wrappers
     accelerator.print(f"recorded {hook.step} optimizer steps in {args.output_dir}/gradnorms.jsonl")
+    accelerator.end_training()  # destroys the process group: gloo runs can abort at exit without it
 
 
 if __name__ == "__main__":

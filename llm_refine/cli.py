@@ -7,7 +7,6 @@ that names the file, the problem and the fix; no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path

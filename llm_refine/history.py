@@ -19,9 +19,7 @@ columns step, value).
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field

@@ -12,7 +12,6 @@ installs it in a ``transformers.Trainer`` in one line.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields

@@ -13,7 +13,7 @@ import os
 import sys
 
 from llm_refine.errors import UserError
-from llm_refine.pretrain import load_pretrain_config, run_pretrain
+from llm_refine.pretrain import load_pretrain_config, run_pretrain, shutdown_distributed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(do this once before a large multi-process run: ranks wait for rank 0's preparation)")
     a = p.parse_args(argv)
     overrides = list(a.set) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
+    ok = False
     try:
         config = load_pretrain_config(a.recipe, overrides)
         if a.prepare_only:
@@ -37,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: data.meta[k] for k in ("key", "train_sequences", "val_sequences_available", "train_tokens")}))
             return 0
         summary = run_pretrain(config)
+        ok = True
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed(barrier=ok)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(json.dumps({k: summary[k] for k in ("final_val_loss", "perplexity", "tokens_seen", "wall_time_s", "steps_per_s")}))
     return 0

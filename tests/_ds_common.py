@@ -113,7 +113,6 @@ def error_text() -> str:
 
 def norms64(grads) -> tuple[float, float]:
     """Reference ℓ1/ℓ2 of full gradients, in float64."""
-    import torch
 
     l1 = 0.0
     sq = 0.0

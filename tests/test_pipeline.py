@@ -331,7 +331,6 @@ def test_degenerate_refinement_is_reported_not_hidden(tmp_path):
 
     def degenerate_refine(history, out_file, *, norm, tau):
         # Norms that collapse late in training: the paper's stated failure mode.
-        steps = 40
         norms = np.concatenate([np.full(30, 5.0), np.geomspace(5.0, 1e-4, 10)])
         write_history(history, [{"step": i, "l1": float(n), "l2": float(n)} for i, n in enumerate(norms)])
         import warnings

@@ -14,11 +14,8 @@ from llm_refine.history import read_jsonl
 from llm_refine.recorder.backends import LocalBackend, detect_backend, grad_scale_of, sums_of
 from llm_refine.recorder.core import GradNormRecorder
 
-
-def ref_norms(params):
-    gs = [p.grad.detach().double().reshape(-1) for p in params if p.grad is not None]
-    flat = torch.cat(gs)
-    return flat.abs().sum().item(), flat.norm().item()
+# The same tiny model, data and single-process reference loop as the 2-process Trainer tests.
+from _recorder_trainer_workers import Reg, ref_norms, reference_run, reg_data  # noqa: E402
 
 
 def close(a, b, rel=1e-6):
@@ -154,46 +151,6 @@ def test_detect_backend_single_and_compiled_wrapper():
 # Trainer and accelerate, single process
 
 
-class Reg(nn.Module):
-    """A tiny regression model with the Trainer's calling convention (loss in the output)."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1 = nn.Linear(8, 16)
-        self.l2 = nn.Linear(16, 1)
-
-    def forward(self, x, labels):
-        y = self.l2(torch.tanh(self.l1(x))).squeeze(-1)
-        return {"loss": ((y - labels) ** 2).mean()}
-
-
-def reg_data(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(8, generator=g), "labels": torch.randn((), generator=g)} for _ in range(n)]
-
-
-def reference_run(data, steps, batch, accum, lr, clip, seed=0):
-    """Manual single-process loop: SGD, sequential batches, accumulation, clipping."""
-    torch.manual_seed(seed)
-    m = Reg()
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    out = []
-    i = 0
-    for _ in range(steps):
-        for _ in range(accum):
-            rows = data[i : i + batch]
-            i += batch
-            x = torch.stack([r["x"] for r in rows])
-            y = torch.stack([r["labels"] for r in rows])
-            (m(x, y)["loss"] / accum).backward()
-        out.append(ref_norms(m.parameters()))
-        if clip:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-    return out
-
-
 def sequential_trainer(**kw):
     from transformers import Trainer
 
@@ -224,7 +181,7 @@ def test_trainer_callback_single_process(tmp_path, accum, clip):
                                  callbacks=[GradNormCallback()])
     trainer.train()
     meta, records = read_jsonl(tmp_path / "gradnorms.jsonl")
-    ref = reference_run(data, 4, 4, accum, 0.1, clip)
+    ref = reference_run(4, 4, accum, clip, data)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for r, (l1, l2) in zip(records, ref):
         assert close(r["l1"], l1, 1e-5) and close(r["l2"], l2, 1e-5)
@@ -438,7 +395,7 @@ def test_trainer_callback_bf16_close_to_fp32_reference(tmp_path):
     trainer.train()
     meta, records = read_jsonl(tmp_path / "gradnorms.jsonl")
     assert meta["precision"] == "bf16"
-    ref = reference_run(data, 3, 4, 1, 0.1, 0.0)
+    ref = reference_run(3, 4, 1, 0.0, data)
     for r, (l1, l2) in zip(records, ref):
         assert close(r["l1"], l1, 1e-2) and close(r["l2"], l2, 1e-2)
 

@@ -1,6 +1,5 @@
 """The one-line Trainer integration: `use_schedule(Trainer(...), spec)`, including resume."""
 
-import json
 
 import numpy as np
 import pytest

@@ -160,6 +160,15 @@ def _check_keys(d: dict, allowed, what: str, where: str) -> None:
         )
 
 
+def _section(raw: dict, key: str, allowed, example: str, where: str, what: str | None = None) -> dict:
+    """``raw[key]`` (missing: empty) checked to be a mapping with only ``allowed`` keys."""
+    d = raw.get(key) or {}
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: '{key}' must be a mapping like {example}")
+    _check_keys(d, allowed, what or f"'{key}'", where)
+    return d
+
+
 def _as_list(value, what: str, where: str) -> list:
     if value is None:
         return []
@@ -264,10 +273,7 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
     if len({round(m, 12) for m in lrm}) != len(lrm):
         raise UserError(f"{where}: 'lr_multipliers' lists a value twice: {lrm}")
 
-    ref_raw = raw.get("refine") or {}
-    if not isinstance(ref_raw, dict):
-        raise UserError(f"{where}: 'refine' must be a mapping like {{norm: l1, tau: 0.1}}")
-    _check_keys(ref_raw, REFINE_KEYS, "'refine'", where)
+    ref_raw = _section(raw, "refine", REFINE_KEYS, "{norm: l1, tau: 0.1}", where)
     refine = RefineSettings(**ref_raw)
     if refine.norm not in REFINE_NORMS:
         raise UserError(f"{where}: refine.norm {refine.norm!r} is not one of {', '.join(REFINE_NORMS)} (l1 for AdamW, l2 for SGD)")
@@ -278,10 +284,8 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
     if refine.lr_multiplier is not None and not any(math.isclose(refine.lr_multiplier, m) for m in lrm):
         raise UserError(f"{where}: refine.lr_multiplier {refine.lr_multiplier} is not in lr_multipliers {lrm}")
 
-    shared = raw.get("schedule") or {}
-    if not isinstance(shared, dict):
-        raise UserError(f"{where}: 'schedule' must be a mapping like {{warmup_steps: 10}}")
-    _check_keys(shared, SHARED_SCHEDULE_KEYS, "'schedule' (per-schedule options go in the 'schedules' list)", where)
+    shared = _section(raw, "schedule", SHARED_SCHEDULE_KEYS, "{warmup_steps: 10}", where,
+                      "'schedule' (per-schedule options go in the 'schedules' list)")
     try:
         ScheduleConfig.from_dict({"name": BASELINE, **shared})
     except (UserError, TypeError) as e:
@@ -317,18 +321,12 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
                 raise UserError(f"{where}: size_overrides.{size}: {key} is set by the pipeline; remove {it!r}")
         size_overrides[str(size)] = [str(x) for x in items]
 
-    launch_raw = raw.get("launch") or {}
-    if not isinstance(launch_raw, dict):
-        raise UserError(f"{where}: 'launch' must be a mapping like {{launcher: accelerate, config: launch/ddp.yaml}}")
-    _check_keys(launch_raw, LAUNCH_KEYS, "'launch'", where)
+    launch_raw = _section(raw, "launch", LAUNCH_KEYS, "{launcher: accelerate, config: launch/ddp.yaml}", where)
     launch = LaunchSettings(**launch_raw)
     if launch.launcher not in LAUNCHERS:
         raise UserError(f"{where}: launch.launcher {launch.launcher!r} is not one of {', '.join(LAUNCHERS)}")
 
-    slurm_raw = raw.get("slurm") or {}
-    if not isinstance(slurm_raw, dict):
-        raise UserError(f"{where}: 'slurm' must be a mapping like {{nodes: 2, gpus_per_node: 8, time: '24:00:00'}}")
-    _check_keys(slurm_raw, SLURM_KEYS, "'slurm'", where)
+    slurm_raw = _section(raw, "slurm", SLURM_KEYS, "{nodes: 2, gpus_per_node: 8, time: '24:00:00'}", where)
     slurm = SlurmSettings(**slurm_raw)
     slurm.setup = [str(x) for x in _as_list(slurm.setup, "slurm.setup", where)]
     slurm.extra = [str(x) for x in _as_list(slurm.extra, "slurm.extra", where)]

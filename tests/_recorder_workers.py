@@ -344,6 +344,14 @@ def cfg_dicts(cfgs: list[Cfg]) -> list[dict]:
     return [asdict(c) for c in cfgs]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def spawn(fn, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) -> None:
     """``torch.multiprocessing.spawn`` with a deadline: a deadlocked collective fails the test
     (and its processes are killed) instead of hanging CI."""

@@ -9,7 +9,6 @@ claims (frameworks downgrade silently).
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -45,16 +44,10 @@ CONFIGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    W.spawn(W.engines_worker, (2, _free_port(), str(out), W.cfg_dicts(CONFIGS)))
+    W.spawn(W.engines_worker, (2, W.free_port(), str(out), W.cfg_dicts(CONFIGS)))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

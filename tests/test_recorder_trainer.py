@@ -4,7 +4,6 @@ accelerate hook in a custom DDP loop: 2 processes, gloo, one spawn."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -14,18 +13,12 @@ from llm_refine.history import read_jsonl
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer")
-    from _recorder_workers import spawn
+    from _recorder_workers import free_port, spawn
 
-    spawn(W.trainer_worker, (2, _free_port(), str(out)))
+    spawn(W.trainer_worker, (2, free_port(), str(out)))
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -329,7 +329,52 @@ def make_launcher(
         raise UserError(f"{cfg}: no such accelerate config; pass one of the launch/*.yaml files with --launch-config")
     if not Path(recipe.launch.script).exists():
         raise UserError(f"{recipe.launch.script}: training script not found; run from the repository root or set launch.script")
+    if jobs > 1:
+        _check_parallel_accelerate(cfg, recipe.launch.extra_args, jobs)
     return AccelerateLauncher(cfg, recipe.launch.script, recipe.launch.extra_args)
+
+
+def _accelerate_world(config: str | None, extra_args: list[str]) -> tuple[int, int]:
+    """(num_processes, num_machines) that ``accelerate launch`` will use: the command-line flags
+    win over the config file; (1, 1) when neither says (accelerate's default config is not read)."""
+    world = {"num_processes": 1, "num_machines": 1}
+    if config is not None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"{config}: cannot read this accelerate config ({e}); fix the YAML or pass another --launch-config") from e
+        if isinstance(raw, dict):
+            for key in world:
+                if isinstance(raw.get(key), int):
+                    world[key] = raw[key]
+    for i, arg in enumerate(extra_args):
+        for key in world:
+            flag = "--" + key
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            elif arg == flag and i + 1 < len(extra_args):
+                value = extra_args[i + 1]
+            else:
+                continue
+            if value.isdigit():
+                world[key] = int(value)
+    return world["num_processes"], world["num_machines"]
+
+
+def _check_parallel_accelerate(config: str | None, extra_args: list[str], jobs: int) -> None:
+    """Refuse ``--jobs N`` with multi-process accelerate runs: every launch would claim the same
+    rendezvous port (29500 unless set) and the same devices or cores, so the second one fails to
+    bind or oversubscribes the machine. One multi-process run at a time is what such configs mean."""
+    procs, machines = _accelerate_world(config, extra_args)
+    if procs > 1 or machines > 1:
+        where = config or "launch.extra_args"
+        raise UserError(
+            f"--jobs {jobs} with {where} ({procs} processes on {machines} machine(s)): parallel multi-process "
+            "trainings would share one rendezvous port and the same devices; use --jobs 1 (each training "
+            "already uses every process), or a single-process config such as launch/single_cpu.yaml"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from llm_refine.pipeline import (
 )
 from llm_refine.recipe import parse_recipe
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def fake_recipe(**kw) -> dict:
     raw = {
@@ -490,6 +492,29 @@ def test_python_launcher_command(tmp_path):
     assert isinstance(make_launcher(recipe, jobs=2), PythonLauncher)
     with pytest.raises(UserError, match="--jobs must be at least 1"):
         Pipeline(recipe, tmp_path / "o", FakeLauncher()).run(jobs=0)
+
+
+def test_jobs_refused_with_multi_process_accelerate_config(tmp_path, monkeypatch):
+    from llm_refine.pipeline import AccelerateLauncher, make_launcher
+
+    monkeypatch.chdir(REPO)
+    recipe = parse_recipe(fake_recipe(), check_pretrain=False)
+    # one multi-process training at a time is fine, and so are parallel single-process ones
+    assert isinstance(make_launcher(recipe, "accelerate", "launch/ddp.yaml", jobs=1), AccelerateLauncher)
+    assert isinstance(make_launcher(recipe, "accelerate", "launch/single_cpu.yaml", jobs=2), AccelerateLauncher)
+    for cfg in ("launch/ddp.yaml", "launch/fsdp.yaml", "launch/deepspeed_zero3.yaml", "launch/multinode.yaml"):
+        with pytest.raises(UserError, match=rf"--jobs 2 with {cfg} .*rendezvous port.*use --jobs 1"):
+            make_launcher(recipe, "accelerate", cfg, jobs=2)
+    # the command line's --num_processes wins over the file
+    recipe.launch.extra_args = ["--num_processes", "2"]
+    with pytest.raises(UserError, match=r"\(2 processes on 1 machine"):
+        make_launcher(recipe, "accelerate", "launch/single_cpu.yaml", jobs=3)
+    recipe.launch.extra_args = ["--num_processes=1"]
+    assert isinstance(make_launcher(recipe, "accelerate", "launch/ddp.yaml", jobs=2), AccelerateLauncher)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_processes: [\n")
+    with pytest.raises(UserError, match="cannot read this accelerate config"):
+        make_launcher(recipe, "accelerate", str(bad), jobs=2)
 
 
 def test_child_run_prefixes_output_and_reports_failure(capfd):

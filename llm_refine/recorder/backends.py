@@ -112,9 +112,10 @@ def grad_scale_of(scaler: Any, optimizer: Any = None) -> torch.Tensor | None:
 class NormBackend:
     """Base class: a source of per-step gradient sums for one engine.
 
-    Subclasses set ``engine``, ``reduce_group`` / ``needs_reduce`` and implement ``_local_grads``
-    (this rank's unique share of the reduced gradient as plain tensors, paired with the parameter
-    they belong to, so optional per-group norms can map them to optimizer groups by identity).
+    Subclasses set ``engine``, ``reduce_group`` / ``needs_reduce``. ``_local_grads`` gives this
+    rank's unique share of the reduced gradient as plain tensors, paired with the parameter they
+    belong to (so optional per-group norms can map them to optimizer groups by identity); by default
+    every ``p.grad`` through ``_plain_grad``, which engines with DTensor gradients override.
     """
 
     engine: str = "single"
@@ -125,9 +126,14 @@ class NormBackend:
         # scale_fn returns the loss scale still on the grads (see grad_scale_of) or None.
         self.scale_fn = scale_fn
 
-    # -- to implement -------------------------------------------------------------------------
+    # -- per engine (overridable) -------------------------------------------------------------
     def _local_grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        raise NotImplementedError
+        return [(p, self._plain_grad(p.grad)) for p in self._params() if p.grad is not None]
+
+    def _plain_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """This rank's share of one gradient as a plain tensor (engines with DTensor grads convert
+        or refuse here)."""
+        return g
 
     def _extra_meta(self) -> dict:
         return {}
@@ -201,19 +207,13 @@ class LocalBackend(NormBackend):
     def _all_params(self):
         return self.module.parameters()
 
-    def _local_grads(self):
-        out = []
-        for p in self._params():
-            g = p.grad
-            if g is None:
-                continue
-            if _is_dtensor(g):
-                raise UserError(
-                    f"{self.engine} model has DTensor gradients (tensor parallelism?); the recorder "
-                    "supports plain data parallelism only: use FSDP2 without other mesh dims, or DDP"
-                )
-            out.append((p, g))
-        return out
+    def _plain_grad(self, g):
+        if _is_dtensor(g):
+            raise UserError(
+                f"{self.engine} model has DTensor gradients (tensor parallelism?); the recorder "
+                "supports plain data parallelism only: use FSDP2 without other mesh dims, or DDP"
+            )
+        return g
 
 
 class FSDP1Backend(NormBackend):
@@ -267,9 +267,6 @@ class FSDP1Backend(NormBackend):
 
     def _all_params(self):
         return self.model.parameters()
-
-    def _local_grads(self):
-        return [(p, p.grad) for p in self._params() if p.grad is not None]
 
     def _extra_meta(self):
         return {
@@ -346,21 +343,15 @@ class FSDP2Backend(NormBackend):
             return p.to_local().device if _is_dtensor(p) else p.device
         return torch.device("cpu")
 
-    def _local_grads(self):
-        out = []
-        for p in self._params():
-            g = p.grad
-            if g is None:
-                continue
-            if _is_dtensor(g):
-                if tuple(g.placements) != self.placements:
-                    raise UserError(
-                        f"FSDP2 gradient placements {tuple(g.placements)} differ from the parameters' "
-                        f"{self.placements}; unreduced (Partial) gradients cannot be recorded exactly"
-                    )
-                g = g.to_local()
-            out.append((p, g))
-        return out
+    def _plain_grad(self, g):
+        if not _is_dtensor(g):
+            return g
+        if tuple(g.placements) != self.placements:
+            raise UserError(
+                f"FSDP2 gradient placements {tuple(g.placements)} differ from the parameters' "
+                f"{self.placements}; unreduced (Partial) gradients cannot be recorded exactly"
+            )
+        return g.to_local()
 
     def _extra_meta(self):
         return {

@@ -21,19 +21,14 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage
 
-from llm_refine.bench import synthetic_trace
+from llm_refine.bench import _best_of, synthetic_trace
 
 HERE = Path(__file__).resolve().parent
 P = ctypes.c_void_p
 
 
 def best_ms(fn, repeats=5):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return _best_of(fn, repeats) * 1e3
 
 
 def compile_lib(tmp: Path):

@@ -41,7 +41,7 @@ def _data(vocab: int, seq: int, n: int):
 
 def _model(size: str):
     try:
-        from llm_refine.models import build_model
+        from llm_refine.train.models import build_model
 
         return build_model(size)
     except Exception:  # models.py absent: an equivalent small LLaMA

@@ -1,4 +1,4 @@
-"""Validation loss of a pretraining checkpoint (thin CLI over `llm_refine.evaluate`).
+"""Validation loss of a pretraining checkpoint (thin CLI over `llm_refine.train.evaluate`).
 
     python eval/evaluate.py runs/tiny/checkpoint-600 [--recipe RECIPE.yaml --set key=value ...]
 """
@@ -10,8 +10,8 @@ import json
 import sys
 
 from llm_refine.errors import UserError
-from llm_refine.evaluate import evaluate_checkpoint
-from llm_refine.pretrain import load_pretrain_config
+from llm_refine.train.evaluate import evaluate_checkpoint
+from llm_refine.train.pretrain import load_pretrain_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,12 @@ _LAZY = {
     "AccelerateGradNormHook": "llm_refine.recorder.accelerate_hook",
     "UserError": "llm_refine.errors",
     # pretraining
-    "PretrainConfig": "llm_refine.pretrain",
-    "load_pretrain_config": "llm_refine.pretrain",
-    "run_pretrain": "llm_refine.pretrain",
-    "build_model": "llm_refine.models",
-    "prepare_data": "llm_refine.data",
-    "evaluate_checkpoint": "llm_refine.evaluate",
+    "PretrainConfig": "llm_refine.train.pretrain",
+    "load_pretrain_config": "llm_refine.train.pretrain",
+    "run_pretrain": "llm_refine.train.pretrain",
+    "build_model": "llm_refine.train.models",
+    "prepare_data": "llm_refine.train.data",
+    "evaluate_checkpoint": "llm_refine.train.evaluate",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

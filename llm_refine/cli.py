@@ -98,7 +98,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_sizes(args) -> int:
-    from .models import format_size_table
+    from .train.models import format_size_table
 
     print(format_size_table())
     return 0
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
-    from .pipeline import add_pipeline_arguments, main_pipeline
-    from .report import add_compare_arguments, main_compare
+    from .pipeline.runner import add_pipeline_arguments, main_pipeline
+    from .report.build import add_compare_arguments, main_compare
 
     for name, add, func, help_ in (
         ("pipeline", add_pipeline_arguments, main_pipeline, "per size: linear baseline -> refine -> rerun (+ controls) -> report"),

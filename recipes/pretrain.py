@@ -1,4 +1,4 @@
-"""Pretrain a LLaMA-style model from a recipe (thin wrapper over `llm_refine.pretrain`).
+"""Pretrain a LLaMA-style model from a recipe (thin wrapper over `llm_refine.train.pretrain`).
 
     python recipes/pretrain.py recipes/pretrain_tiny.yaml [--output_dir D] [--set key=value ...] [--prepare_only]
     torchrun --nproc_per_node 2 recipes/pretrain.py RECIPE.yaml ...
@@ -13,7 +13,7 @@ import os
 import sys
 
 from llm_refine.errors import UserError
-from llm_refine.pretrain import load_pretrain_config, run_pretrain, shutdown_distributed
+from llm_refine.train.pretrain import load_pretrain_config, run_pretrain, shutdown_distributed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_pretrain_config(a.recipe, overrides)
         if a.prepare_only:
-            from llm_refine.data import prepare_data
+            from llm_refine.train.data import prepare_data
 
             data = prepare_data(config.data)
             print(json.dumps({k: data.meta[k] for k in ("key", "train_sequences", "val_sequences_available", "train_tokens")}))

@@ -13,7 +13,7 @@ import sys
 from transformers import TrainerCallback
 
 from _pretrain_common import REPO, tiny_overrides
-from llm_refine.pretrain import load_pretrain_config, run_pretrain
+from llm_refine.train.pretrain import load_pretrain_config, run_pretrain
 
 
 class KillAt(TrainerCallback):

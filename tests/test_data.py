@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import _pretrain_common  # noqa: F401  (sets LLM_REFINE_CACHE for the session)
-from llm_refine.data import (
+from llm_refine.train.data import (
     DataConfig,
     PackedDataset,
     _embedded_docs,
@@ -239,7 +239,7 @@ def test_shard_indices_split_a_global_batch():
 
 
 def test_row_writer_streams_exactly_what_pack_computes(tmp_path):
-    from llm_refine.data import RowWriter
+    from llm_refine.train.data import RowWriter
 
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 500, size=int(rng.integers(1, 90))).tolist() for _ in range(200)]
@@ -253,7 +253,7 @@ def test_row_writer_streams_exactly_what_pack_computes(tmp_path):
 
 
 def test_sentencepiece_training_is_deterministic(tmp_path, monkeypatch):
-    from llm_refine.tokenizer import train_sentencepiece
+    from llm_refine.train.tokenizer import train_sentencepiece
 
     texts = [t for _, t in _embedded_docs(DataConfig(max_train_chars=200_000))[0]]
     fps = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm_refine.errors import UserError
-from llm_refine.models import MODEL_SIZES, build_model, count_parameters, format_size_table, llama_config
+from llm_refine.train.models import MODEL_SIZES, build_model, count_parameters, format_size_table, llama_config
 
 CPU_SIZES = [n for n, s in MODEL_SIZES.items() if s.device == "cpu"]
 GPU_SIZES = [n for n, s in MODEL_SIZES.items() if s.device == "gpu"]

@@ -16,14 +16,14 @@ import pytest
 from llm_refine.errors import UserError
 from llm_refine.fileio import sha256_file
 from llm_refine.history import write_history
-from llm_refine.pipeline import (
+from llm_refine.pipeline.runner import (
     Pipeline,
     add_pipeline_arguments,
     emit_slurm,
     main_pipeline,
     plan,
 )
-from llm_refine.recipe import parse_recipe
+from llm_refine.pipeline.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ class FakeLauncher:
 
 
 def fake_eval(run_dir: Path) -> dict:
-    from llm_refine.pipeline import EVAL_FILE
+    from llm_refine.pipeline.runner import EVAL_FILE
 
     s = json.loads((run_dir / "summary.json").read_text())
     res = {"val_loss": s["final_val_loss"] + 0.001, "perplexity": math.exp(s["final_val_loss"]), "tokens": 10,
@@ -316,7 +316,7 @@ def test_main_pipeline_dry_run_and_emit(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(fake_recipe()))
-    monkeypatch.setattr("llm_refine.recipe._check_pretrain", lambda recipe, where: None)
+    monkeypatch.setattr("llm_refine.pipeline.recipe._check_pretrain", lambda recipe, where: None)
     parser = add_pipeline_arguments(argparse.ArgumentParser())
     assert main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--dry-run"])) == 0
     out = capsys.readouterr().out
@@ -387,7 +387,7 @@ def test_lr_sweep_and_seeds_through_the_pipeline(tmp_path):
 
 
 def test_a_second_pipeline_on_the_same_out_is_refused(tmp_path):
-    from llm_refine.pipeline import _OutLock
+    from llm_refine.pipeline.runner import _OutLock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -482,7 +482,7 @@ def test_jobs_run_trainings_in_parallel_in_dependency_order(tmp_path):
 
 
 def test_python_launcher_command(tmp_path):
-    from llm_refine.pipeline import PythonLauncher, make_launcher
+    from llm_refine.pipeline.runner import PythonLauncher, make_launcher
 
     recipe = parse_recipe(fake_recipe(), check_pretrain=False)
     st = next(s for s in plan(recipe, tmp_path) if s.id == "cpu-2m/cosine")
@@ -495,7 +495,7 @@ def test_python_launcher_command(tmp_path):
 
 
 def test_jobs_refused_with_multi_process_accelerate_config(tmp_path, monkeypatch):
-    from llm_refine.pipeline import AccelerateLauncher, make_launcher
+    from llm_refine.pipeline.runner import AccelerateLauncher, make_launcher
 
     monkeypatch.chdir(REPO)
     recipe = parse_recipe(fake_recipe(), check_pretrain=False)
@@ -520,7 +520,7 @@ def test_jobs_refused_with_multi_process_accelerate_config(tmp_path, monkeypatch
 def test_child_run_prefixes_output_and_reports_failure(capfd):
     import sys as _sys
 
-    from llm_refine.pipeline import ChildRun
+    from llm_refine.pipeline.runner import ChildRun
 
     run = ChildRun([_sys.executable, "-c", "print('a'); print(); print('b\\rc', flush=True)"], "[s/x]")
     assert run.wait() == 0

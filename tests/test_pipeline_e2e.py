@@ -12,8 +12,8 @@ import pytest
 import _pretrain_common  # noqa: F401  (points LLM_REFINE_CACHE at the session's test cache)
 from llm_refine.fileio import sha256_file
 from llm_refine.history import read_jsonl
-from llm_refine.pipeline import InProcessLauncher, Pipeline
-from llm_refine.recipe import parse_recipe
+from llm_refine.pipeline.runner import InProcessLauncher, Pipeline
+from llm_refine.pipeline.recipe import parse_recipe
 
 STEPS = 24
 
@@ -146,7 +146,7 @@ def test_accelerate_launcher_runs_a_stage(tmp_path, monkeypatch):
     """One stage through `accelerate launch --config_file launch/single_cpu.yaml recipes/pretrain.py`."""
     import argparse
 
-    from llm_refine.pipeline import add_pipeline_arguments, main_pipeline
+    from llm_refine.pipeline.runner import add_pipeline_arguments, main_pipeline
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)  # the launcher runs recipes/pretrain.py from the repository root

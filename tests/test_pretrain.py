@@ -9,7 +9,7 @@ import pytest
 
 from _pretrain_common import REPO, history_records, read_jsonl, tiny_overrides
 from llm_refine.errors import UserError
-from llm_refine.pretrain import load_pretrain_config, run_pretrain
+from llm_refine.train.pretrain import load_pretrain_config, run_pretrain
 from llm_refine.schedules import make_schedule
 
 STEPS = 30
@@ -70,7 +70,7 @@ def test_lr_follows_the_schedule(reference_run):
 
 
 def test_evaluate_checkpoint_reproduces_the_final_val_loss(reference_run):
-    from llm_refine.evaluate import evaluate_checkpoint
+    from llm_refine.train.evaluate import evaluate_checkpoint
 
     cfg, out, s = reference_run
     r = evaluate_checkpoint(out / f"checkpoint-{STEPS}")
@@ -244,7 +244,7 @@ def test_run_on_c4_format_files(tmp_path):
     """A run on local files in C4's format (json.gz shards with a text field), as the tests write them."""
     import gzip
 
-    from llm_refine.data import embedded_files
+    from llm_refine.train.data import embedded_files
 
     shards = tmp_path / "c4" / "en"
     shards.mkdir(parents=True)

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from _pretrain_common import REPO, history_records, read_jsonl, tiny_overrides
-from llm_refine.pretrain import load_pretrain_config, run_pretrain
+from llm_refine.train.pretrain import load_pretrain_config, run_pretrain
 
 pytestmark = pytest.mark.distributed
 STEPS = 20

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llm_refine.errors import UserError
-from llm_refine.recipe import load_recipe, parse_recipe
+from llm_refine.pipeline.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

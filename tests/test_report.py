@@ -11,7 +11,7 @@ import pytest
 
 from llm_refine.errors import UserError
 from llm_refine.history import write_history
-from llm_refine.report import (
+from llm_refine.report.build import (
     best_cells,
     build_report,
     collect_runs,
@@ -213,7 +213,7 @@ def test_compare_rebuilds_report(tmp_path, capsys):
 
 def test_gradnorms_plot_draws_the_refinement_median_filter(tmp_path, monkeypatch):
     """The smoothed curve is the refinement's own median filter at the schedule's tau."""
-    from llm_refine import report as rep
+    from llm_refine.report import build as rep
     from llm_refine.history import write_history
     from llm_refine.refine import smooth_norms
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .data import DataConfig
-from .errors import UserError
-from .fileio import atomic_write_json, atomic_write_text
-from .schedules import ScheduleConfig, make_schedule
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..schedules import ScheduleConfig, make_schedule
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -335,7 +335,7 @@ def _trainer_class():
 
 def _gradnorm_callback():
     try:
-        from .recorder.callback import GradNormCallback
+        from ..recorder.callback import GradNormCallback
     except ImportError as e:  # pragma: no cover - the recorder ships with the package
         raise RuntimeError(f"llm_refine.recorder.callback is unavailable ({e}); gradient norms cannot be recorded") from e
     return GradNormCallback()
@@ -409,7 +409,7 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
 
     from .data import PackedDataset, prepare_data
     from .models import build_model, count_parameters
-    from .schedules import use_schedule
+    from ..schedules import use_schedule
 
     cfg = config
     out = Path(cfg.output_dir)

@@ -1,6 +1,6 @@
 """Validation loss of a saved checkpoint on the run's fixed held-out set.
 
-The validation set is the one the run evaluated on during training (`llm_refine.data.prepare_data`
+The validation set is the one the run evaluated on during training (`llm_refine.train.data.prepare_data`
 with the run's data config: same documents, tokenizer and rows), so ``evaluate_checkpoint`` on the
 last checkpoint reproduces the run's final ``val_loss`` and compares runs of a sweep on equal terms.
 """
@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _find_config(checkpoint_dir: Path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def cache_dir() -> Path:

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .errors import UserError
-from .fileio import atomic_write_json, atomic_write_text, sha256_file
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_text, sha256_file
 from .recipe import BASELINE, LAUNCHERS, REFINED, Recipe, load_recipe
 
-# Dotted keys of `llm_refine.pretrain.PretrainConfig` that the pipeline sets for each run.
+# Dotted keys of `llm_refine.train.pretrain.PretrainConfig` that the pipeline sets for each run.
 KEY_SIZE = "model.size"
 KEY_SEED = "train.seed"
 KEY_LR = "train.learning_rate"
@@ -124,7 +124,7 @@ def base_learning_rate(recipe: Recipe, size: str) -> float:
     v = _lookup(recipe.pretrain, KEY_LR)
     if v is not None:
         return float(v)
-    from .pretrain import load_pretrain_config
+    from ..train.pretrain import load_pretrain_config
 
     cfg = load_pretrain_config(copy.deepcopy(recipe.pretrain), [f"{KEY_SIZE}={size}"])
     return float(cfg.train.learning_rate)
@@ -197,7 +197,7 @@ class Launcher(Protocol):
 
 
 class InProcessLauncher:
-    """Trains in this process with `llm_refine.pretrain.run_pretrain` (which resumes from its latest checkpoint).
+    """Trains in this process with `llm_refine.train.pretrain.run_pretrain` (which resumes from its latest checkpoint).
 
     ``callbacks_for(stage)``: extra ``TrainerCallback``s for a stage (monitoring; tests use one to
     interrupt a run mid-stage).
@@ -207,7 +207,7 @@ class InProcessLauncher:
         self.callbacks_for = callbacks_for
 
     def train(self, stage: Stage, base_config_path: Path, recipe: Recipe) -> None:
-        from .pretrain import load_pretrain_config, run_pretrain
+        from ..train.pretrain import load_pretrain_config, run_pretrain
 
         config = load_pretrain_config(copy.deepcopy(recipe.pretrain), list(stage.overrides))
         callbacks = list(self.callbacks_for(stage)) if self.callbacks_for else []
@@ -291,7 +291,7 @@ class PythonLauncher(_SubprocessLauncher):
     for the in-process launcher: runs in parallel need processes of their own)."""
 
     CHILD = (
-        "import sys; from llm_refine.pretrain import load_pretrain_config, run_pretrain; "
+        "import sys; from llm_refine.train.pretrain import load_pretrain_config, run_pretrain; "
         "run_pretrain(load_pretrain_config(sys.argv[1], sys.argv[2:]))"
     )
 
@@ -470,7 +470,7 @@ def refine_baseline(history: Path, out_file: Path, *, norm: str, tau: float) -> 
     """Refine ``history`` into ``out_file`` (and a PNG beside it) with `llm_refine.refine.refine_file`."""
     import warnings
 
-    from .refine import refine_file
+    from ..refine import refine_file
 
     with warnings.catch_warnings():
         # A degenerate refinement is reported by the stage line and the report, not as a warning.
@@ -488,8 +488,8 @@ def final_checkpoint(run_dir: Path) -> Path | None:
 
 
 def evaluate_run(run_dir: Path) -> dict:
-    """Evaluate a finished run's final checkpoint with `llm_refine.evaluate.evaluate_checkpoint`; write eval.json."""
-    from .evaluate import evaluate_checkpoint
+    """Evaluate a finished run's final checkpoint with `llm_refine.train.evaluate.evaluate_checkpoint`; write eval.json."""
+    from ..train.evaluate import evaluate_checkpoint
 
     ckpt = final_checkpoint(run_dir)
     if ckpt is None:
@@ -801,7 +801,7 @@ class Pipeline:
                 losses.append(res.get("val_loss"))
             return f"{len(losses)} run(s) evaluated"
         if stage.kind == "report":
-            from .report import build_report, collect_runs
+            from ..report.build import build_report, collect_runs
 
             runs = collect_runs([self.out])
             paths = build_report(runs, self.out, title=f"llm-refine: {self.recipe.name}", recipe=self.recipe)
@@ -978,7 +978,7 @@ def main_pipeline(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m llm_refine.pipeline ...`` = ``llm-refine pipeline ...`` (same errors, same exit codes)."""
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["pipeline", *(sys.argv[1:] if argv is None else argv)])
 

@@ -23,7 +23,7 @@ and every setting, so a cached load is a memory map (milliseconds).
 
 Order: `PackedDataset` presents the training rows as one long sequence of epochs, each a
 permutation drawn from ``(seed, epoch)``. The Trainer reads it sequentially (see
-`llm_refine.pretrain`), and accelerate hands each rank consecutive per-device batches, so the
+`llm_refine.train.pretrain`), and accelerate hands each rank consecutive per-device batches, so the
 global batch of optimizer step k is rows [k·B, (k+1)·B) of that sequence whatever the number of
 processes: runs that differ only in schedule — or in world size — see identical batches.
 """
@@ -46,8 +46,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import atomic_write_json
+from ..errors import UserError
+from ..fileio import atomic_write_json
 from .tokenizer import Tokenizer, cache_dir, get_tokenizer, load_hf_tokenizer, load_sentencepiece
 
 SOURCES = ("embedded", "files", "c4")

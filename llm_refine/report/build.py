@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserError
-from .fileio import atomic_write_text
+from ..errors import UserError
+from ..fileio import atomic_write_text
 
 BASELINE = "linear"
 REFINED = "refined"
@@ -442,8 +442,8 @@ def plot_gradnorms(run: RunResult, path: Path, tau: float = 0.1) -> Path | None:
     """Raw norms of the baseline and the median-filtered norms the refinement used (same τ)."""
     import warnings
 
-    from .history import read_jsonl
-    from .refine import median_width, prepare_norms, smooth_norms
+    from ..history import read_jsonl
+    from ..refine import median_width, prepare_norms, smooth_norms
 
     try:
         _, records = read_jsonl(run.history)
@@ -484,7 +484,7 @@ def _schedule_curve(r: RunResult):
     T = r.max_steps
     if T and r.schedule_config.get("name"):
         try:
-            from .schedules import ScheduleConfig, make_schedule
+            from ..schedules import ScheduleConfig, make_schedule
 
             cfg = dict(r.schedule_config)
             if cfg.get("name") == REFINED:
@@ -803,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python eval/compare.py ...`` = ``llm-refine compare ...`` (same errors, same exit codes)."""
     import sys
 
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
 

@@ -10,7 +10,7 @@ grid, and gives the base pretraining config every run shares::
     lr_multipliers: [1.0]                    # peak-LR sweep: × pretrain train.learning_rate
     refine: {norm: l1, tau: 0.1}
     schedule: {warmup_steps: 10}             # options every schedule shares (warm-up, min_ratio)
-    pretrain: {...}                          # the base llm_refine.pretrain config of every run
+    pretrain: {...}                          # the base llm_refine.train.pretrain config of every run
     size_overrides: {cpu-8m: ["train.learning_rate=1e-3"]}
     launch: {launcher: inprocess, config: launch/ddp.yaml}
     slurm: {nodes: 1, gpus_per_node: 8, time: "24:00:00"}
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .errors import UserError
-from .schedules import SCHEDULES, ScheduleConfig
+from ..errors import UserError
+from ..schedules import SCHEDULES, ScheduleConfig
 
 BASELINE = "linear"
 REFINED = "refined"
@@ -45,7 +45,7 @@ TOP_KEYS = {
     "lr_multipliers": "peak-LR grid as multipliers of pretrain.train.learning_rate",
     "refine": "refinement settings: norm (l1|l2), tau, seed, lr_multiplier, warmup",
     "schedule": "schedule options shared by all schedules (warmup_steps, warmup_ratio, min_ratio)",
-    "pretrain": "the base pretraining config every run shares (llm_refine.pretrain)",
+    "pretrain": "the base pretraining config every run shares (llm_refine.train.pretrain)",
     "size_overrides": "per-size list of dotted key=value overrides of the pretrain config",
     "launch": "how to run each training: launcher (inprocess|accelerate), config (launch/X.yaml)",
     "slurm": "settings of emitted SLURM scripts (nodes, gpus_per_node, cpus_per_task, time, partition, account, setup, extra)",
@@ -241,7 +241,7 @@ def _check_data(pretrain: dict, where: str, base_dir: Path) -> None:
 
 def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = True) -> Recipe:
     """Validate a recipe mapping. ``check_pretrain`` also resolves the pretrain section with
-    `llm_refine.pretrain.load_pretrain_config` for each size, so its unknown keys fail here too."""
+    `llm_refine.train.pretrain.load_pretrain_config` for each size, so its unknown keys fail here too."""
     where = _where(path)
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a recipe is a YAML mapping (key: value); got {type(raw).__name__}")
@@ -252,7 +252,7 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
         raise UserError(f"{where}: 'sizes' is missing; list model sizes, e.g. [cpu-0.5m, cpu-2m] (see `llm-refine sizes`)")
     if len(set(sizes)) != len(sizes):
         raise UserError(f"{where}: 'sizes' lists a size twice: {sizes}")
-    from .models import MODEL_SIZES
+    from ..train.models import MODEL_SIZES
 
     for s in sizes:
         if s not in MODEL_SIZES:
@@ -354,8 +354,8 @@ def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = T
 
 def _check_pretrain(recipe: Recipe, where: str) -> None:
     """Resolve each size's base config with the pretraining loader so unknown keys fail now."""
-    from .pipeline import base_overrides  # local: pipeline imports this module
-    from .pretrain import load_pretrain_config
+    from .runner import base_overrides  # local: runner imports this module
+    from ..train.pretrain import load_pretrain_config
 
     for size in recipe.sizes:
         try:

@@ -1,0 +1,1 @@
+"""The pipeline: recipe -> plan of stages -> launchers -> runner, or SLURM scripts."""

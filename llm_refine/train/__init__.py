@@ -1,0 +1,1 @@
+"""Training: configs, data, tokenizers, models, pretraining, evaluation and the run directory."""

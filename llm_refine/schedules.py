@@ -4,7 +4,7 @@
 optional linear warm-up (``warmup`` steps: step s < warmup gets (s+1)/(warmup+1), so the first
 update is not wasted at lr 0, as in nanoGPT). The learning rate is ``peak_lr * multiplier``.
 
-`ScheduleConfig` names a schedule and its options; `make_schedule` turns one into a function of
+`ScheduleConfig` subclasses (one per schedule, registered by name) hold its options; `make_schedule` turns one into a function of
 (step, total); `lambda_lr` wraps that in a ``torch.optim.lr_scheduler.LambdaLR``; `use_schedule`
 installs it in a ``transformers.Trainer`` in one line.
 """
@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 
+from .configs import Config, ConfigError, option
 from .errors import UserError
 
 Schedule = Callable[[int, int], float]
@@ -148,86 +150,186 @@ def refined(step: int, total: int, *, multipliers: Sequence[float] | np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# Config → function
+# Configs: one class per schedule, registered by name
 
 
-SCHEDULES = ("constant", "linear", "cosine", "polynomial", "wsd", "inverse_sqrt", "refined")
+class ScheduleConfig(Config):
+    """Base of the schedule configs. Each subclass is one schedule, registered under ``name``;
+    options that do not apply to it are errors. Every schedule has a linear warm-up
+    (``warmup_steps`` wins over ``warmup_ratio``).
 
-
-@dataclass
-class ScheduleConfig:
-    """A schedule by name, with its options. ``warmup_steps`` wins over ``warmup_ratio``.
-
-    ``file`` (refined only) is a schedule artifact written by ``llm-refine refine``.
+    ``ScheduleConfig.from_dict({"name": "cosine", "min_ratio": 0.1})`` (or a plain name) picks the
+    class; ``to_dict()`` writes ``name`` first.
     """
 
-    name: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    min_ratio: float = 0.0
-    power: float = 1.0
-    decay_fraction: float = 0.2
-    decay_shape: str = "linear"
-    timescale: int | None = None
-    file: str | None = None
-    multipliers: list[float] | None = field(default=None, repr=False)
+    name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type["ScheduleConfig"]]] = {}
 
-    def __post_init__(self):
-        if self.name not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.name!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise UserError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise UserError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
-        if self.name == "refined" and self.file is None and self.multipliers is None:
-            raise UserError("schedule 'refined' needs file: a schedule JSON written by `llm-refine refine`")
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("name"):
+            ScheduleConfig.registry[cls.name] = cls
 
     @classmethod
-    def from_dict(cls, d: dict | str) -> "ScheduleConfig":
-        if isinstance(d, str):
-            return cls(name=d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown schedule option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, data, *, where: str | None = None) -> "ScheduleConfig":
+        try:
+            if isinstance(data, ScheduleConfig):
+                return data
+            if isinstance(data, str):
+                data = {"name": data}
+            if cls is not ScheduleConfig:  # a concrete class: the name, if given, must be its own
+                data = dict(data or {})
+                if data.pop("name", cls.name) != cls.name:
+                    raise ConfigError(("name",), f"this is a {cls.name!r} schedule config")
+                return Config.from_dict.__func__(cls, data)
+            if not isinstance(data, Mapping):
+                raise ConfigError((), f"{data!r} is not a schedule; write a name or a mapping with 'name'")
+            data = dict(data)
+            name = data.pop("name", "linear")
+            sub = cls.registry.get(name) if isinstance(name, str) else None
+            if sub is None:
+                raise ConfigError(("name",), f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+            return Config.from_dict.__func__(sub, data)
+        except ConfigError as e:
+            if where is None:
+                raise
+            raise UserError(f"{where}: {e}") from None
+
+    @classmethod
+    def create(cls, name: str = "linear", **options) -> "ScheduleConfig":
+        """``ScheduleConfig.create("cosine", warmup_ratio=0.01, min_ratio=0.1)``."""
+        return cls.from_dict({"name": name, **options})
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("multipliers")
-        return d
+        return {"name": self.name, **super().to_dict()}
 
     def warmup_for(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps else int(round(self.warmup_ratio * total_steps))
 
+    def function(self, warmup: int) -> Schedule:
+        """The pure (step, total) -> multiplier function, with ``warmup`` resolved to steps."""
+        raise NotImplementedError(type(self).__name__)  # every registered subclass implements it
 
-def make_schedule(config: ScheduleConfig | dict | str, total_steps: int | None = None) -> Schedule:
+    def build(self, total_steps: int | None = None) -> Schedule:
+        return self.function(self.warmup_for(total_steps) if total_steps else self.warmup_steps)
+
+
+_WARMUP_STEPS = "linear warm-up length in optimizer steps (wins over warmup_ratio)"
+_WARMUP_RATIO = "linear warm-up length as a fraction of the run"
+_MIN_RATIO = "floor of the decay, as a fraction of the peak LR"
+
+
+@dataclass(kw_only=True)
+class _Warmup(ScheduleConfig):
+    warmup_steps: int = option(0, doc=_WARMUP_STEPS, ge=0)
+    warmup_ratio: float = option(0.0, doc=_WARMUP_RATIO, ge=0.0, lt=1.0)
+
+
+@dataclass(kw_only=True)
+class _Decay(_Warmup):
+    min_ratio: float = option(0.0, doc=_MIN_RATIO, ge=0.0, le=1.0)
+
+
+@dataclass(kw_only=True)
+class ConstantSchedule(_Warmup):
+    """1 after warm-up."""
+
+    name: ClassVar[str] = "constant"
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(constant, warmup=warmup)
+
+
+@dataclass(kw_only=True)
+class LinearSchedule(_Decay):
+    """1 − progress after warm-up, floored at ``min_ratio``: the worst-case optimal schedule."""
+
+    name: ClassVar[str] = "linear"
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(linear_decay, warmup=warmup, min_ratio=self.min_ratio)
+
+
+@dataclass(kw_only=True)
+class CosineSchedule(_Decay):
+    """min + (1 − min)·½(1 + cos π·progress) after warm-up."""
+
+    name: ClassVar[str] = "cosine"
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(cosine, warmup=warmup, min_ratio=self.min_ratio)
+
+
+@dataclass(kw_only=True)
+class PolynomialSchedule(_Decay):
+    """min + (1 − min)·(1 − progress)^power after warm-up."""
+
+    name: ClassVar[str] = "polynomial"
+    power: float = option(1.0, doc="exponent of the decay (1 = linear); > 0 so the LR never rises", gt=0.0)
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(polynomial, warmup=warmup, power=self.power, min_ratio=self.min_ratio)
+
+
+@dataclass(kw_only=True)
+class WSDSchedule(_Decay):
+    """Warmup–stable–decay: flat at 1, then a decay over the last ``decay_fraction`` of the run."""
+
+    name: ClassVar[str] = "wsd"
+    decay_fraction: float = option(0.2, doc="share of the run spent decaying, at the end", gt=0.0, le=1.0)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = option("linear", doc="shape of the final decay")
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(
+            wsd, warmup=warmup, decay_fraction=self.decay_fraction, decay_shape=self.decay_shape, min_ratio=self.min_ratio
+        )
+
+
+@dataclass(kw_only=True)
+class InverseSqrtSchedule(_Warmup):
+    """sqrt(timescale / step) after warm-up, capped at 1."""
+
+    name: ClassVar[str] = "inverse_sqrt"
+    timescale: int | None = option(None, doc="steps at which the decay starts (default: the warm-up, at least 1)", ge=1)
+
+    def function(self, warmup: int) -> Schedule:
+        return functools.partial(inverse_sqrt, warmup=warmup, timescale=self.timescale)
+
+
+@dataclass(kw_only=True)
+class RefinedSchedule(_Warmup):
+    """A schedule file's multipliers (``llm-refine refine``), resampled over normalized time; the
+    warm-up, if set, is applied on top of them."""
+
+    name: ClassVar[str] = "refined"
+    file: str | None = option(None, doc="schedule JSON written by `llm-refine refine`")
+    multipliers: list[float] | None = option(None, doc="the multipliers themselves (instead of file)", repr=False, ge=0.0)
+
+    def validate(self) -> None:
+        if self.file is None and self.multipliers is None:
+            raise ConfigError(("file",), "schedule 'refined' needs file: a schedule JSON written by `llm-refine refine`")
+
+    def loaded(self) -> "RefinedSchedule":
+        """This config with the file's multipliers read (and validated) now."""
+        if self.multipliers is not None:
+            return self
+        return self.replace(multipliers=load_multipliers(self.file).tolist())
+
+    def function(self, warmup: int) -> Schedule:
+        mult = self.multipliers if self.multipliers is not None else load_multipliers(self.file)
+        return functools.partial(refined, multipliers=np.asarray(mult, dtype=np.float64), warmup=warmup)
+
+
+SCHEDULES = tuple(ScheduleConfig.registry)
+
+
+def make_schedule(config: ScheduleConfig | Mapping | str, total_steps: int | None = None) -> Schedule:
     """The pure function (step, total) -> multiplier that ``config`` names.
 
     ``total_steps`` is only needed to resolve ``warmup_ratio``; a schedule built without it uses
     ``warmup_steps``.
     """
-    if not isinstance(config, ScheduleConfig):
-        config = ScheduleConfig.from_dict(config)
-    warmup = config.warmup_for(total_steps) if total_steps else config.warmup_steps
-    c = config
-    if c.name == "constant":
-        return functools.partial(constant, warmup=warmup)
-    if c.name == "linear":
-        return functools.partial(linear_decay, warmup=warmup, min_ratio=c.min_ratio)
-    if c.name == "cosine":
-        return functools.partial(cosine, warmup=warmup, min_ratio=c.min_ratio)
-    if c.name == "polynomial":
-        return functools.partial(polynomial, warmup=warmup, power=c.power, min_ratio=c.min_ratio)
-    if c.name == "wsd":
-        return functools.partial(
-            wsd, warmup=warmup, decay_fraction=c.decay_fraction, decay_shape=c.decay_shape, min_ratio=c.min_ratio
-        )
-    if c.name == "inverse_sqrt":
-        return functools.partial(inverse_sqrt, warmup=warmup, timescale=c.timescale)
-    # refined
-    mult = c.multipliers if c.multipliers is not None else load_multipliers(c.file)
-    return functools.partial(refined, multipliers=np.asarray(mult, dtype=np.float64), warmup=warmup)
+    return ScheduleConfig.from_dict(config).build(total_steps)
 
 
 def load_multipliers(path: str | os.PathLike) -> np.ndarray:
@@ -266,12 +368,10 @@ def use_schedule(trainer, config: ScheduleConfig | dict | str):
     optimizer steps, and its state is saved and restored with checkpoints like any scheduler.
     """
     if isinstance(config, str) and (config.endswith(".json") or Path(config).is_file()):
-        config = ScheduleConfig(name="refined", file=config)
-    if not isinstance(config, ScheduleConfig):
-        config = ScheduleConfig.from_dict(config)
-    # Read a refined file now, so a bad file fails before training starts.
-    if config.name == "refined" and config.multipliers is None:
-        config = ScheduleConfig(**{**config.to_dict(), "multipliers": load_multipliers(config.file).tolist()})
+        config = RefinedSchedule(file=config)
+    config = ScheduleConfig.from_dict(config)
+    if isinstance(config, RefinedSchedule):
+        config = config.loaded()  # read the file now, so a bad file fails before training starts
 
     def create_scheduler(num_training_steps: int, optimizer=None):
         if trainer.lr_scheduler is None:

@@ -104,13 +104,13 @@ def test_pipeline_end_to_end_with_interrupt_and_resume(tmp_path):
         # Stage files.
         for sched in ("linear", "refined", "cosine"):
             rd = out / size / sched
-            for f in ("config.json", "gradnorms.jsonl", "summary.json", "eval.json", "pipeline_stage.json", "eval_log.jsonl"):
+            for f in ("run_config.json", "gradnorms.jsonl", "summary.json", "eval.json", "pipeline_stage.json", "eval_log.jsonl"):
                 assert (rd / f).is_file(), rd / f
             ev = json.loads((rd / "eval.json").read_text())
             s = json.loads((rd / "summary.json").read_text())
             # Evaluating the final checkpoint reproduces the run's own final validation loss.
             assert ev["val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-4)
-            cfg = json.loads((rd / "config.json").read_text())
+            cfg = json.loads((rd / "run_config.json").read_text())
             assert cfg["schedule"]["name"] == sched and cfg["train"]["seed"] == 0 and cfg["model"]["size"] == size
         # Provenance: the refined schedule came from this size's baseline history, and the refined
         # run trained on that very file.
@@ -120,12 +120,12 @@ def test_pipeline_end_to_end_with_interrupt_and_resume(tmp_path):
         assert Path(art["provenance"]["source"]) == hist.resolve()
         assert art["provenance"]["source_sha256"] == sha256_file(hist)
         assert art["provenance"]["norm"] == "l1" and len(art["multipliers"]) == STEPS
-        rcfg = json.loads((out / size / "refined" / "config.json").read_text())
+        rcfg = json.loads((out / size / "refined" / "run_config.json").read_text())
         assert Path(rcfg["schedule"]["file"]) == f.resolve()
         marker = json.loads((out / size / "refined" / "pipeline_stage.json").read_text())
         assert marker["schedule_sha256"] == sha256_file(f)
         # Same data order and peak LR as the baseline: only the schedule differs.
-        lin = json.loads((out / size / "linear" / "config.json").read_text())
+        lin = json.loads((out / size / "linear" / "run_config.json").read_text())
         assert rcfg["data"] == lin["data"] and rcfg["train"] == lin["train"]
 
     md = (out / "report.md").read_text()
@@ -164,7 +164,7 @@ def test_accelerate_launcher_runs_a_stage(tmp_path, monkeypatch):
     rd = out / "cpu-0.5m" / "linear"
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["schedule"]["name"] == "linear"
-    cfg = json.loads((rd / "config.json").read_text())
+    cfg = json.loads((rd / "run_config.json").read_text())
     assert cfg["train"]["max_steps"] == 12 and cfg["schedule"]["warmup_steps"] == 3
     _, recs = read_jsonl(rd / "gradnorms.jsonl")
     assert [r["step"] for r in recs] == list(range(12))

@@ -25,14 +25,14 @@ def reference_run(tmp_path_factory):
 
 def test_run_writes_every_file(reference_run):
     cfg, out, summary = reference_run
-    for name in ("config.json", "gradnorms.jsonl", "train_log.jsonl", "eval_log.jsonl", "summary.json"):
+    for name in ("run_config.json", "gradnorms.jsonl", "train_log.jsonl", "eval_log.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     assert json.loads((out / "summary.json").read_text()) == summary
-    resolved = json.loads((out / "config.json").read_text())
+    resolved = json.loads((out / "run_config.json").read_text())
     assert resolved["train"]["max_steps"] == STEPS and resolved["runtime"]["world_size"] == 1
     # The resolved config loads back into the same config.
-    assert load_pretrain_config(out / "config.json").to_dict() == cfg.to_dict()
+    assert load_pretrain_config(out / "run_config.json").to_dict() == cfg.to_dict()
 
 
 def test_summary(reference_run):
@@ -257,5 +257,5 @@ def test_run_on_c4_format_files(tmp_path):
                                                     "data.vocab_size=512", "train.eval_every=6", steps=6))
     s = run_pretrain(cfg)
     assert s["steps"] == 6 and s["vocab_size"] == 512 and math.isfinite(s["final_val_loss"])
-    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    runtime = json.loads((tmp_path / "run" / "run_config.json").read_text())["runtime"]
     assert runtime["data"]["source"] == "files" and runtime["data"]["val_documents"] > 0

@@ -41,7 +41,7 @@ def _torchrun(out, *overrides: str, env_extra: dict | None = None, timeout: int 
 
 
 def _check_run(out, summary):
-    for name in ("config.json", "gradnorms.jsonl", "train_log.jsonl", "eval_log.jsonl", "summary.json"):
+    for name in ("run_config.json", "gradnorms.jsonl", "train_log.jsonl", "eval_log.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     assert (out / f"checkpoint-{STEPS}").is_dir()
     train = read_jsonl(out / "train_log.jsonl")
@@ -52,7 +52,7 @@ def _check_run(out, summary):
     hist = history_records(out / "gradnorms.jsonl")
     assert [r["step"] for r in hist] == list(range(STEPS))
     assert all(math.isfinite(r["l2"]) and r["l1"] > r["l2"] > 0 for r in hist)
-    runtime = json.loads((out / "config.json").read_text())["runtime"]
+    runtime = json.loads((out / "run_config.json").read_text())["runtime"]
     assert runtime["world_size"] == 2 and runtime["micro_batch_size"] == 4
     assert summary["tokens_seen"] == STEPS * 8 * 128
     return train, hist, json.loads((out / "gradnorms.jsonl").read_text().splitlines()[0])["meta"]

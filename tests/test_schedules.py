@@ -7,6 +7,7 @@ import torch
 from llm_refine.artifact import make_schedule_artifact, write_schedule
 from llm_refine.errors import UserError
 from llm_refine.schedules import (
+    SCHEDULES as SCHEDULE_NAMES,
     ScheduleConfig,
     constant,
     cosine,
@@ -106,11 +107,11 @@ def test_bad_steps():
 
 def test_config_validation():
     with pytest.raises(UserError, match="unknown schedule"):
-        ScheduleConfig(name="cosin")
-    with pytest.raises(UserError, match="unknown schedule option"):
+        ScheduleConfig.create("cosin")
+    with pytest.raises(UserError, match=r"warmup: unknown key in LinearSchedule; allowed: warmup_steps, warmup_ratio, min_ratio"):
         ScheduleConfig.from_dict({"name": "linear", "warmup": 3})
     with pytest.raises(UserError, match="needs file"):
-        ScheduleConfig(name="refined")
+        ScheduleConfig.create("refined")
     c = ScheduleConfig.from_dict({"name": "cosine", "warmup_ratio": 0.1, "min_ratio": 0.1})
     f = make_schedule(c, total_steps=100)
     assert f(9, 100) == pytest.approx(10 / 11)
@@ -138,7 +139,7 @@ def test_refined_from_file_and_bad_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "wsd", "inverse_sqrt", "constant", "polynomial"])
 def test_lambda_lr_follows_schedule_and_resumes(name):
-    cfg = ScheduleConfig(name=name, warmup_steps=5)
+    cfg = ScheduleConfig.create(name, warmup_steps=5)
     fn = make_schedule(cfg, 50)
 
     def run(stop_at=None, state=None):
@@ -164,3 +165,37 @@ def test_lambda_lr_follows_schedule_and_resumes(name):
     first, state = run(stop_at=17)
     rest, _ = run(state=state)
     np.testing.assert_allclose(first + rest, full)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"name": "cosine", "power": 5}, "power: unknown key in CosineSchedule; allowed: warmup_steps, warmup_ratio, min_ratio"),
+        ({"name": "polynomial", "power": -1}, r"power: -1.0 is out of range; allowed: \(0.0, inf\)"),
+        ({"name": "wsd", "decay_shape": "zigzag"}, "decay_shape: 'zigzag' is not allowed; choose one of linear, cosine, 1-sqrt"),
+        ({"name": "wsd", "decay_fraction": 5}, r"decay_fraction: 5.0 is out of range; allowed: \(0.0, 1.0\]"),
+        ({"name": "wsd", "decay_fraction": -1}, r"decay_fraction: -1.0 is out of range"),
+        ({"name": "linear", "warmup_steps": 10.5}, "warmup_steps: 10.5 is not an integer"),
+        ({"name": "linear", "warmup_steps": True}, "warmup_steps: True is not an integer"),
+        ({"name": "linear", "min_ratio": float("nan")}, "min_ratio: nan is not a finite number"),
+        ({"name": "refined", "file": "s.json", "min_ratio": 0.1}, "min_ratio: unknown key in RefinedSchedule"),
+        ({"name": "inverse_sqrt", "timescale": 0}, "timescale: 0 is out of range"),
+    ],
+)
+def test_schedule_options_are_typed_and_must_apply(raw, message):
+    """One class per schedule: wrong types, out-of-range values and options of another schedule are
+    errors that name the key, the value and what is allowed."""
+    with pytest.raises(UserError, match=message):
+        ScheduleConfig.from_dict(raw, where="recipe.yaml")
+    with pytest.raises(UserError, match="^recipe.yaml: "):
+        ScheduleConfig.from_dict(raw, where="recipe.yaml")
+
+
+def test_schedule_config_round_trips_and_builds_the_same_function():
+    for name in SCHEDULE_NAMES:
+        opts = {"file": "x.json"} if name == "refined" else {"warmup_steps": 3}
+        c = ScheduleConfig.create(name, **opts)
+        assert type(c).name == name and ScheduleConfig.from_dict(c.to_dict()) == c
+    c = ScheduleConfig.from_dict({"name": "polynomial", "power": 2, "min_ratio": 0.1, "warmup_steps": 2})
+    assert make_schedule(c, 20)(10, 20) == polynomial(10, 20, warmup=2, power=2.0, min_ratio=0.1)
+    assert ScheduleConfig.from_dict("cosine") == ScheduleConfig.create("cosine")

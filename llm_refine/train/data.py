@@ -48,42 +48,12 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_write_json
+from .config import SOURCES, DataConfig  # noqa: F401  (DataConfig is part of this module's API)
 from .tokenizer import Tokenizer, cache_dir, get_tokenizer, load_hf_tokenizer, load_sentencepiece
 
-SOURCES = ("embedded", "files", "c4")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 DATA_FORMAT_VERSION = 2  # bump when packing changes, to invalidate old caches
-
-
-@dataclass
-class DataConfig:
-    source: str = "embedded"
-    path: str | None = None  # files: a file, a directory or a glob
-    val_path: str | None = None  # files: separate validation files (else a hashed split of path)
-    text_field: str = "text"
-    seq_len: int = 128
-    val_fraction: float = 0.05  # share of documents held out (embedded, files without val_path)
-    val_sequences: int = 48  # size of the fixed validation set, in sequences
-    max_train_chars: int | None = 5_000_000  # budget of training text; None: everything
-    max_val_chars: int | None = 400_000
-    tokenizer: str = "sentencepiece"  # "sentencepiece" (trained here), a .model file, or an HF tokenizer dir
-    vocab_size: int = 2048  # for a trained sentencepiece model
-    tokenizer_train_chars: int = 2_000_000  # sentencepiece trains on this much of the training text
-    c4_name: str = "allenai/c4"
-    c4_config: str = "en"
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise UserError(f"unknown data.source {self.source!r}; choose one of {', '.join(SOURCES)}")
-        if self.source == "files" and not self.path:
-            raise UserError("data.source 'files' needs data.path: a file, directory or glob of .jsonl/.json.gz/.txt/.parquet")
-        if self.seq_len < 2:
-            raise UserError(f"data.seq_len must be >= 2, got {self.seq_len}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.val_sequences < 1:
-            raise UserError(f"data.val_sequences must be >= 1, got {self.val_sequences}")
 
 
 @dataclass

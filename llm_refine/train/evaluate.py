@@ -7,7 +7,6 @@ last checkpoint reproduces the run's final ``val_loss`` and compares runs of a s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,23 +15,22 @@ from ..errors import UserError
 
 
 def _find_config(checkpoint_dir: Path):
-    from .pretrain import CONFIG, load_pretrain_config
+    """The config of the run that holds ``checkpoint_dir`` (its ``run_config.json``)."""
+    from .config import load_pretrain_config
+    from .rundir import RUN_CONFIG
 
     for d in (checkpoint_dir, checkpoint_dir.parent):
-        f = d / CONFIG
-        if f.is_file():
-            raw = json.loads(f.read_text())
-            if "train" in raw and "data" in raw:  # ours, not the model's config.json
-                return load_pretrain_config(raw)
+        if (d / RUN_CONFIG).is_file():
+            return load_pretrain_config(d / RUN_CONFIG)
     raise UserError(
-        f"no pretraining config.json next to {checkpoint_dir}; pass the run's config (a checkpoint-N inside its output_dir)"
+        f"no {RUN_CONFIG} next to {checkpoint_dir}; pass a checkpoint-N inside a run's output_dir (or the run's config)"
     )
 
 
 def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16, device: str | None = None) -> dict:
     """``{"val_loss", "perplexity", "tokens", "sequences"}`` of the model in ``checkpoint_dir``.
 
-    ``config``: the run's `PretrainConfig`; default: the ``config.json`` of the run that holds the
+    ``config``: the run's `PretrainConfig`; default: the ``run_config.json`` of the run that holds the
     checkpoint. The loss is the mean over every predicted token (all rows have the same length).
     ``device``: default the first GPU if there is one, else the CPU (fp32 either way).
     """

@@ -1,4 +1,4 @@
-"""Pretraining runs: a recipe (YAML/dict + dotted overrides) → a trained LLaMA-style model and the
+"""Pretraining runs: a `PretrainConfig` → a trained LLaMA-style model and the
 files the rest of llm-refine reads.
 
 ``run_pretrain(config)`` trains in-process with the HF ``Trainer`` (AdamW; the LR schedule from
@@ -6,7 +6,8 @@ files the rest of llm-refine reads.
 `GradNormCallback` always on) and works the same under plain ``python``, ``torchrun`` and
 ``accelerate launch --config_file launch/<engine>.yaml``. It writes to ``output_dir``:
 
-- ``config.json``: the resolved config (``runtime`` adds world size, batch split, vocabulary...).
+- ``run_config.json``: the resolved config (``runtime`` adds world size, batch split, vocabulary...);
+  run it again with ``python -m llm_refine.train <run_dir>/run_config.json``.
 - ``gradnorms.jsonl``: the gradient-norm history (step = 0-based optimizer step).
 - ``train_log.jsonl``: ``{"step", "loss", "lr", "batch", ...}`` per logged step; ``step`` is the
   0-based index of the optimizer step (as in ``gradnorms.jsonl``), ``lr`` the LR that step used,
@@ -22,224 +23,35 @@ A finished run (``summary.json`` present, same config) returns its summary witho
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-from .data import DataConfig
 from ..errors import UserError
-from ..fileio import atomic_write_json, atomic_write_text
-from ..schedules import ScheduleConfig, make_schedule
+from ..fileio import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..schedules import make_schedule
+from .config import PretrainConfig, TrainConfig, load_pretrain_config  # noqa: F401  (re-exported: the run's API)
+from .rundir import EVAL_LOG, RUN_CONFIG, SUMMARY, TRAIN_LOG, checkpoint_step, latest_checkpoint
 
-SUMMARY = "summary.json"
-CONFIG = "config.json"
-TRAIN_LOG = "train_log.jsonl"
-EVAL_LOG = "eval_log.jsonl"
-GRADNORMS = "gradnorms.jsonl"
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class ModelConfig:
-    size: str = "cpu-0.5m"
-    attn_implementation: str = "sdpa"
-
-    def __post_init__(self):
-        from .models import get_size
-
-        get_size(self.size)  # unknown size: UserError naming the choices
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 300
-    batch_size: int = 8  # global batch, in sequences per optimizer step
-    micro_batch_size: int | None = None  # per process; None: batch_size / world_size (no accumulation)
-    eval_batch_size: int = 16
-    learning_rate: float = 3e-3  # the peak LR; the schedule multiplies it
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping (norms are recorded before clipping either way)
-    seed: int = 0  # model init and data order
-    eval_every: int = 100
-    save_every: int = 100
-    save_total_limit: int | None = 2
-    log_every: int = 1
-    print_every: int = 50  # progress lines on stdout; 0 = none
-    bf16: bool | None = None  # None: on when the launcher asks for bf16 (accelerate config mixed_precision: bf16)
-    num_threads: int | None = None  # CPU threads per process; None: 1 on CPU (fastest for small models)
-    deepspeed: str | dict | None = None  # a DeepSpeed config (file or dict) for the Trainer
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-
-
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    output_dir: str = "runs/pretrain"
-
-    def to_dict(self) -> dict:
-        return {
-            "model": asdict(self.model),
-            "data": asdict(self.data),
-            "train": asdict(self.train),
-            "schedule": self.schedule.to_dict(),
-            "output_dir": self.output_dir,
-        }
-
-
-def _parse_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
-    """``["train.max_steps=50", "schedule.name=cosine"]`` applied to a nested dict (values parsed as YAML)."""
-    d = copy.deepcopy(d)
-    for item in overrides or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not key=value; write e.g. train.max_steps=50")
-        node = d
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise UserError(f"override {item!r}: {p!r} is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_value(value)
-    return d
-
-
-def _coerce_numbers(cls, d: dict) -> dict:
-    """YAML reads ``1e-3`` (no dot) as a string: turn such strings into the field's number type."""
-    out = dict(d)
-    for f in fields(cls):
-        v = out.get(f.name)
-        if not isinstance(v, str):
-            continue
-        kind = str(f.type)
-        for typ in ((float,) if "float" in kind else ()) + ((int,) if kind.startswith("int") else ()):
-            try:
-                out[f.name] = typ(v)
-                break
-            except ValueError:
-                pass
-    return out
-
-
-def _section(cls, d: Any, name: str):
-    if d is None:
-        return cls()
-    if not isinstance(d, dict):
-        raise UserError(f"recipe section {name!r} must be a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise UserError(f"unknown key(s) {unknown} in recipe section {name!r}; known: {sorted(known)}")
-    try:
-        return cls(**_coerce_numbers(cls, d))
-    except TypeError as e:
-        raise UserError(f"recipe section {name!r}: {e}") from None
-
-
-def load_pretrain_config(path_or_dict: str | os.PathLike | Mapping | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
-    """A `PretrainConfig` from a recipe YAML/JSON file (or a dict) plus dotted ``key=value`` overrides.
-
-    A ``config.json`` written by a run loads back too (its ``runtime`` section is ignored). A
-    schedule ``file`` always means the refined schedule and is made absolute.
-    """
-    import yaml
-
-    if path_or_dict is None:
-        raw: dict = {}
-    elif isinstance(path_or_dict, Mapping):
-        raw = copy.deepcopy(dict(path_or_dict))
-    else:
-        p = Path(path_or_dict)
-        if not p.is_file():
-            raise UserError(f"recipe {p} does not exist; give a recipe YAML such as recipes/pretrain_tiny.yaml")
-        try:
-            raw = (json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())) or {}
-        except (yaml.YAMLError, json.JSONDecodeError) as e:
-            raise UserError(f"recipe {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe {p} must be a mapping of sections (model, data, train, schedule, output_dir)")
-    raw = apply_overrides(raw, overrides)
-    raw.pop("runtime", None)
-    known = {"model", "data", "train", "schedule", "output_dir"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(f"unknown recipe section(s) {unknown}; known: {sorted(known)}")
-    sched = raw.get("schedule") or {}
-    if isinstance(sched, str):
-        sched = {"name": sched}
-    sched = dict(sched)
-    if sched.get("file"):
-        sched["file"] = str(Path(sched["file"]).expanduser().resolve())
-        sched["name"] = "refined"
-    return PretrainConfig(
-        model=_section(ModelConfig, raw.get("model"), "model"),
-        data=_section(DataConfig, raw.get("data"), "data"),
-        train=_section(TrainConfig, raw.get("train"), "train"),
-        schedule=ScheduleConfig.from_dict(sched),
-        output_dir=str(raw.get("output_dir") or PretrainConfig.output_dir),
-    )
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
 # Logs that survive resume
 
 
-def read_jsonl_records(path: Path) -> list[dict]:
-    """Records of a JSONL log; a torn last line (crash mid-write) is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def truncate_log(path: Path, max_step: int) -> None:
     """Drop records with ``step > max_step`` (written after the checkpoint we resume from)."""
     if not path.exists():
         return
-    keep = [r for r in read_jsonl_records(path) if int(r.get("step", -1)) <= max_step]
+    keep = [r for r in read_jsonl(path) if int(r.get("step", -1)) <= max_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
 
 
 class _BatchProbe:
@@ -260,11 +72,8 @@ class _BatchProbe:
 
 
 def _say(line: str) -> None:
-    """A progress line on stdout; tqdm.write keeps an active progress bar intact around it."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
+    """A progress line, through logging (entry points print llm_refine's INFO records on stdout)."""
+    logger.info(line)
 
 
 def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: int):
@@ -298,7 +107,7 @@ def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: i
                 if k in logs:
                     rec[k] = logs[k]
             rec["batch"] = batch
-            _append(out / TRAIN_LOG, rec)
+            append_jsonl(out / TRAIN_LOG, rec)
             if print_every and (state.global_step % print_every == 0 or state.global_step == state.max_steps):
                 rate = (state.global_step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
                 _say(f"[pretrain] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
@@ -309,7 +118,7 @@ def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: i
                 return
             self.last_eval_step = state.global_step
             if is_main:
-                _append(out / EVAL_LOG, {"step": state.global_step, "val_loss": metrics["eval_loss"]})
+                append_jsonl(out / EVAL_LOG, {"step": state.global_step, "val_loss": metrics["eval_loss"]})
                 if print_every:
                     _say(f"[pretrain] step {state.global_step} val_loss {metrics['eval_loss']:.4f}")
 
@@ -345,25 +154,12 @@ def _gradnorm_callback():
 # Running
 
 
-def _comparable(d: dict) -> dict:
+def _comparable(d) -> dict:
+    if not isinstance(d, dict):
+        return {}
     d = {k: v for k, v in d.items() if k not in ("runtime", "output_dir")}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("print_every",)}
+    d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k not in ("print_every",)}
     return d
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-N`` with the largest N that has a complete trainer state, or None."""
-    best = None
-    for p in Path(output_dir).glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit() and (p / "trainer_state.json").is_file():
-            if best is None or int(suffix) > int(best.name.split("-", 1)[1]):
-                best = p
-    return best
-
-
-def _checkpoint_step(ckpt: Path) -> int:
-    return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
@@ -398,114 +194,70 @@ def _engine_info(trainer) -> dict:
     return info
 
 
-def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
-    """Train (or resume, or return the finished run's summary) and return the summary dict.
+def _finished_or_check(out: Path, resolved: dict) -> dict | None:
+    """The summary of a finished run with this config; None to train; a UserError when ``out``
+    holds a run of another config."""
+    old = read_json(out / RUN_CONFIG)
+    if old is None:
+        return None
+    if _comparable(old) != _comparable(resolved):
+        raise UserError(f"{out} holds a run with a different config; use a new output_dir or delete {out} to start over")
+    return read_json(out / SUMMARY) if (out / SUMMARY).is_file() else None
 
-    ``callbacks``: extra ``TrainerCallback``s (e.g. for monitoring; tests use one to crash a run).
-    """
-    import torch
+
+def _training_arguments(cfg: PretrainConfig, out: Path, micro: int, accum: int, cuda: bool):
     from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .data import PackedDataset, prepare_data
-    from .models import build_model, count_parameters
-    from ..schedules import use_schedule
-
-    cfg = config
-    out = Path(cfg.output_dir)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        # Small models train fastest on one thread per process; more only adds sync overhead.
-        torch.set_num_threads(cfg.train.num_threads or 1)
-    elif cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    # Bad schedule options or a malformed schedule file fail here, before any data work.
-    make_schedule(cfg.schedule, cfg.train.max_steps)(0, cfg.train.max_steps)
-
-    resolved = cfg.to_dict()
-    if (out / SUMMARY).is_file() and (out / CONFIG).is_file():
-        old = json.loads((out / CONFIG).read_text())
-        if _comparable(old) == _comparable(resolved):
-            return json.loads((out / SUMMARY).read_text())
-    if (out / CONFIG).is_file():
-        old = json.loads((out / CONFIG).read_text())
-        if _comparable(old) != _comparable(resolved):
-            raise UserError(
-                f"{out} holds a run with a different config; use a new output_dir or delete {out} to start over"
-            )
-
-    # The launcher's WORLD_SIZE (torchrun, accelerate launch, srun via accelerate) fixes the batch
-    # split before TrainingArguments exists: a DeepSpeed config fills its batch sizes from it.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    micro, accum = _batch_split(cfg.train, world)
-    args = TrainingArguments(
+    t = cfg.train
+    return TrainingArguments(
         output_dir=str(out),
-        max_steps=cfg.train.max_steps,
+        max_steps=t.max_steps,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
-        per_device_eval_batch_size=cfg.train.eval_batch_size,
-        learning_rate=cfg.train.learning_rate,
-        weight_decay=cfg.train.weight_decay,
-        adam_beta1=cfg.train.adam_beta1,
-        adam_beta2=cfg.train.adam_beta2,
-        adam_epsilon=cfg.train.adam_epsilon,
-        max_grad_norm=cfg.train.max_grad_norm,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
         optim="adamw_torch",
         logging_strategy="steps",
-        logging_steps=cfg.train.log_every,
+        logging_steps=t.log_every,
         eval_strategy="steps",
-        eval_steps=cfg.train.eval_every,
+        eval_steps=t.eval_every,
         save_strategy="steps",
-        save_steps=cfg.train.save_every,
-        save_total_limit=cfg.train.save_total_limit,
-        seed=cfg.train.seed,
-        data_seed=cfg.train.seed,
+        save_steps=t.save_every,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
         report_to="none",
         disable_tqdm=True,
         use_cpu=not cuda,  # under torchrun on CPU the Trainer only reduces grads with use_cpu=True
-        bf16=_use_bf16(cfg.train),
-        deepspeed=cfg.train.deepspeed,
-        activation_checkpointing=cfg.train.gradient_checkpointing,
+        bf16=_use_bf16(t),
+        deepspeed=t.deepspeed,
+        activation_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=0,
         dataloader_drop_last=False,  # the train set is an exact multiple of the global batch; keep every val row
         remove_unused_columns=False,
         train_sampling_strategy="sequential",
         ddp_find_unused_parameters=False,
     )
-    if args.world_size != world:
-        raise RuntimeError(f"the Trainer sees {args.world_size} processes but WORLD_SIZE is {world}")
-    is_main = args.process_index == 0
 
-    with args.main_process_first(local=False, desc="tokenize and pack data"):
-        data = prepare_data(cfg.data)
 
-    model = build_model(
-        cfg.model.size, data.vocab_size, cfg.train.seed,
-        max_position_embeddings=cfg.data.seq_len, attn_implementation=cfg.model.attn_implementation,
-    )
-    n_params = count_parameters(cfg.model.size, data.vocab_size)
+def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: bool, callbacks: Sequence):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    ckpt = latest_checkpoint(out)
-    resume_step = _checkpoint_step(ckpt) if ckpt else 0
-    runtime = {
-        "world_size": world, "micro_batch_size": micro, "gradient_accumulation_steps": accum,
-        "vocab_size": data.vocab_size, "parameters": n_params, "data": data.meta,
-    }
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / CONFIG, {**resolved, "runtime": runtime})
-        # Records written after the checkpoint we resume from would repeat: drop them.
-        truncate_log(out / TRAIN_LOG, resume_step - 1)
-        truncate_log(out / EVAL_LOG, resume_step)
+    from ..schedules import use_schedule
+    from .data import PackedDataset
 
-    train_set = PackedDataset(data.train, seed=cfg.train.seed, length=cfg.train.max_steps * cfg.train.batch_size)
+    t = cfg.train
+    train_set = PackedDataset(data.train, seed=t.seed, length=t.max_steps * t.batch_size)
     val_set = PackedDataset(data.val, shuffle=False)
     probe = _BatchProbe()
-    log_cb = _make_callbacks(out, probe, is_main, cfg.train.print_every)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-        callbacks=[_gradnorm_callback(), log_cb, *callbacks],
+        callbacks=[_gradnorm_callback(), _make_callbacks(out, probe, is_main, t.print_every), *callbacks],
     )
     trainer.batch_probe = probe
     for cb in (PrinterCallback, ProgressCallback):
@@ -518,22 +270,19 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
                 pass
 
         trainer.add_callback(_BarOnlyProgress())
-    use_schedule(trainer, cfg.schedule)
+    return use_schedule(trainer, cfg.schedule)
 
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    train_time = time.perf_counter() - t0
-    metrics = trainer.evaluate()  # logged to eval_log.jsonl unless the last periodic eval was this step
-    wall = time.perf_counter() - t0
 
+def _summary(cfg: PretrainConfig, trainer, out: Path, val_loss: float, times: dict, resume_step: int, data, n_params: int) -> dict:
     steps = trainer.state.global_step
-    val_loss = float(metrics["eval_loss"])
     steps_run = steps - resume_step
-    summary = {
+    train_time = times["train"]
+    ppl = math.exp(val_loss) if val_loss < 700 else float("inf")
+    return {
         "final_val_loss": val_loss,
-        "perplexity": math.exp(val_loss) if val_loss < 700 else float("inf"),
+        "perplexity": ppl if math.isfinite(ppl) else None,  # JSON has no inf; the val loss says it all
         "tokens_seen": steps * cfg.train.batch_size * cfg.data.seq_len,
-        "wall_time_s": round(wall, 3),
+        "wall_time_s": round(times["wall"], 3),
         "train_time_s": round(train_time, 3),
         "steps_per_s": round(steps_run / train_time, 3) if train_time > 0 and steps_run else None,
         "max_steps": cfg.train.max_steps,
@@ -549,12 +298,78 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
         "engine": _engine_info(trainer),
         "last_checkpoint": str(out / f"checkpoint-{steps}"),
     }
-    if not math.isfinite(summary["perplexity"]):
-        summary["perplexity"] = None  # JSON has no inf; the val loss says it all
+
+
+def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
+    """Train (or resume, or return the finished run's summary) and return the summary dict.
+
+    ``callbacks``: extra ``TrainerCallback``s (e.g. for monitoring; tests use one to crash a run).
+    """
+    import torch
+
+    from .data import prepare_data
+    from .models import build_model, count_parameters
+
+    cfg, out = config, Path(config.output_dir)
+    # Bad schedule options or a malformed schedule file fail here, before any data work.
+    make_schedule(cfg.schedule, cfg.train.max_steps)(0, cfg.train.max_steps)
+    resolved = cfg.to_dict()
+    finished = _finished_or_check(out, resolved)
+    if finished is not None:
+        return finished
+
+    # The launcher's WORLD_SIZE (torchrun, accelerate launch, srun via accelerate) fixes the batch
+    # split before TrainingArguments exists: a DeepSpeed config fills its batch sizes from it.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, accum = _batch_split(cfg.train, world)
+    args = _training_arguments(cfg, out, micro, accum, torch.cuda.is_available())
+    if args.world_size != world:
+        raise RuntimeError(f"the Trainer sees {args.world_size} processes but WORLD_SIZE is {world}")
+    is_main = args.process_index == 0
+
+    with args.main_process_first(local=False, desc="tokenize and pack data"):
+        data = prepare_data(cfg.data)
+    model = build_model(
+        cfg.model.size, data.vocab_size, cfg.train.seed,
+        max_position_embeddings=cfg.data.seq_len, attn_implementation=cfg.model.attn_implementation,
+    )
+    n_params = count_parameters(cfg.model.size, data.vocab_size)
+
+    ckpt = latest_checkpoint(out)
+    resume_step = checkpoint_step(ckpt) if ckpt else 0
+    if is_main:
+        runtime = {
+            "world_size": world, "micro_batch_size": micro, "gradient_accumulation_steps": accum,
+            "vocab_size": data.vocab_size, "parameters": n_params, "data": data.meta,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_CONFIG, {**resolved, "runtime": runtime})
+        # Records written after the checkpoint we resume from would repeat: drop them.
+        truncate_log(out / TRAIN_LOG, resume_step - 1)
+        truncate_log(out / EVAL_LOG, resume_step)
+
+    trainer = _build_trainer(cfg, args, data, model, out, is_main, callbacks)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_time = time.perf_counter() - t0
+    metrics = trainer.evaluate()  # logged to eval_log.jsonl unless the last periodic eval was this step
+    times = {"train": train_time, "wall": time.perf_counter() - t0}
+    summary = _summary(cfg, trainer, out, float(metrics["eval_loss"]), times, resume_step, data, n_params)
     if is_main:
         atomic_write_json(out / SUMMARY, summary)  # last: its presence means the run finished
     _teardown(trainer)
     return summary
+
+
+def set_threads(train: TrainConfig) -> None:
+    """Entry points call this once: small models train fastest on one CPU thread per process (more
+    only adds sync overhead); ``train.num_threads`` overrides. Library code never changes it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(train.num_threads or 1)
+    elif train.num_threads:
+        torch.set_num_threads(train.num_threads)
 
 
 def shutdown_distributed(*, barrier: bool = True) -> None:

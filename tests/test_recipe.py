@@ -54,29 +54,31 @@ def test_schedule_options_and_labels():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"sizez": ["cpu-2m"]}, r"unknown key\(s\) 'sizez' in the recipe; allowed: .*sizes"),
-        ({"sizes": ["cpu-3m"]}, r"unknown model size 'cpu-3m'; choose from .*cpu-0.5m"),
-        ({"sizes": []}, r"'sizes' is missing"),
-        ({"schedules": ["linear", "cosinus"]}, r"unknown schedule 'cosinus'; choose from .*cosine"),
+        ({"sizez": ["cpu-2m"]}, r"r.yaml: sizez: unknown key in the recipe; allowed: .*sizes"),
+        ({"sizes": ["cpu-3m"]}, r"sizes\[0\]: unknown model size 'cpu-3m'; choose one of .*cpu-0.5m"),
+        ({"sizes": []}, r"sizes: is missing"),
+        ({"schedules": ["linear", "cosinus"]}, r"schedules\[1\]: unknown schedule 'cosinus'; choose one of .*cosine"),
         ({"schedules": ["refined", "cosine"]}, r"must include 'linear'"),
         ({"schedules": ["linear", "cosine", "cosine"]}, r"listed twice"),
-        ({"schedules": ["linear", {"name": "wsd", "decay_fractoin": 0.2}]}, r"schedule 'wsd': unknown schedule option"),
-        ({"refine": {"norm": "l3"}}, r"refine.norm 'l3'"),
-        ({"refine": {"taux": 0.1}}, r"unknown key\(s\) 'taux' in 'refine'"),
-        ({"refine": {"seed": 7}}, r"refine.seed 7 is not one of the recipe's seeds"),
-        ({"seeds": [0, 0]}, r"lists a seed twice"),
-        ({"seeds": ["a"]}, r"non-negative integers"),
-        ({"lr_multipliers": [0]}, r"positive numbers"),
-        ({"schedule": {"warmup": 3}}, r"unknown key\(s\) 'warmup' in 'schedule'"),
-        ({"launch": {"launcher": "mpirun"}}, r"launch.launcher 'mpirun'"),
-        ({"slurm": {"gpus": 8}}, r"unknown key\(s\) 'gpus' in 'slurm'"),
-        ({"size_overrides": {"cpu-8m": ["train.max_steps=5"]}}, r"size_overrides names size 'cpu-8m'"),
+        ({"schedules": ["linear", {"name": "wsd", "decay_fractoin": 0.2}]},
+         r"schedules\[1\].decay_fractoin: unknown key in WSDSchedule; allowed: .*decay_fraction"),
+        ({"refine": {"norm": "l3"}}, r"refine.norm: 'l3' is not allowed; choose one of l1, l2"),
+        ({"refine": {"taux": 0.1}}, r"refine.taux: unknown key in RefineSettings; allowed: norm, tau"),
+        ({"refine": {"seed": 7}}, r"refine.seed: 7 is not one of the recipe's seeds"),
+        ({"seeds": [0, 0]}, r"seeds: \[0, 0\] lists a value twice"),
+        ({"seeds": ["a"]}, r"seeds\[0\]: 'a' is not an integer"),
+        ({"lr_multipliers": [0]}, r"lr_multipliers\[0\]: 0.0 is out of range; allowed: \(0.0, inf\)"),
+        ({"schedule": {"warmup": 3}}, r"schedule.warmup: unknown key in SharedScheduleOptions"),
+        ({"launch": {"launcher": "mpirun"}}, r"launch.launcher: 'mpirun' is not allowed; choose one of inprocess, accelerate"),
+        ({"slurm": {"gpus": 8}}, r"slurm.gpus: unknown key in SlurmSettings"),
+        ({"size_overrides": {"cpu-8m": ["train.max_steps=5"]}}, r"size_overrides.cpu-8m: names size 'cpu-8m'"),
         ({"size_overrides": {"cpu-2m": ["train.max_steps"]}}, r"not a dotted key=value"),
-        ({"pretrain": {"schedule": {"name": "cosine"}}}, r"pretrain.schedule is set by the pipeline"),
-        ({"pretrain": {"model": {"size": "cpu-2m"}}}, r"pretrain.model.size is set by the pipeline from 'sizes'"),
-        ({"pretrain": {"train": {"seed": 1}}}, r"pretrain.train.seed is set by the pipeline from 'seeds'"),
-        ({"size_overrides": {"cpu-2m": ["schedule.name=cosine"]}}, r"schedule.name is set by the pipeline"),
-        ({"pretrain": {"train": {"max_stepz": 5}}}, r"pretrain config for size 'cpu-0.5m': unknown key\(s\) \['max_stepz'\]"),
+        ({"pretrain": {"schedule": {"name": "cosine"}}}, r"pretrain.schedule: is set by the pipeline from 'schedules'"),
+        ({"pretrain": {"model": {"size": "cpu-2m"}}}, r"pretrain.model.size: is set by the pipeline from 'sizes'"),
+        ({"pretrain": {"train": {"seed": 1}}}, r"pretrain.train.seed: is set by the pipeline from 'seeds'"),
+        ({"size_overrides": {"cpu-2m": ["schedule.name=cosine"]}}, r"size_overrides.cpu-2m.schedule: is set by the pipeline"),
+        ({"pretrain": {"train": {"max_stepz": 5}}},
+         r"pretrain.train.max_stepz: unknown key in TrainConfig; allowed: max_steps.* \(in the run: size cpu-0.5m"),
         ({"pretrain": {"data": {"source": "files", "path": "no/such/corpus.jsonl"}}},
          r"pretrain.data.path: 'no/such/corpus.jsonl' does not exist"),
         ({"pretrain": {"data": {"source": "embedded", "tokenizer": "missing/spm.model"}}}, r"pretrain.data.tokenizer: .* does not exist"),
@@ -98,6 +100,10 @@ def test_missing_and_malformed_files(tmp_path):
     lst.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="a recipe is a YAML mapping"):
         load_recipe(lst)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text; save the recipe as UTF-8"):
+        load_recipe(latin)
 
 
 def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys):

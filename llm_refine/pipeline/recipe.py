@@ -1,4 +1,4 @@
-"""Pipeline recipes: the YAML file `llm-refine pipeline` runs, parsed into a validated dataclass.
+"""Pipeline recipes: the YAML file `llm-refine pipeline` runs, read into typed configs.
 
 A recipe says which model sizes to train, which schedules to compare, with which seeds and peak-LR
 grid, and gives the base pretraining config every run shares::
@@ -9,52 +9,72 @@ grid, and gives the base pretraining config every run shares::
     seeds: [0]
     lr_multipliers: [1.0]                    # peak-LR sweep: × pretrain train.learning_rate
     refine: {norm: l1, tau: 0.1}
-    schedule: {warmup_steps: 10}             # options every schedule shares (warm-up, min_ratio)
-    pretrain: {...}                          # the base llm_refine.train.pretrain config of every run
-    size_overrides: {cpu-8m: ["train.learning_rate=1e-3"]}
+    schedule: {warmup_steps: 10}             # options shared by the schedules that have them
+    pretrain: {...}                          # the base pretraining config (llm_refine.train.config)
+    size_overrides: {cpu-8m: {train: {learning_rate: 1e-3}}}   # or ["train.learning_rate=1e-3"]
     launch: {launcher: inprocess, config: launch/ddp.yaml}
     slurm: {nodes: 1, gpus_per_node: 8, time: "24:00:00"}
 
-Validation happens before anything runs, so a typo fails in a second with a message naming the key
-and the fix, not an hour into a sweep.
+Validation happens before anything runs: `load_recipe` resolves the `PretrainConfig` of every run
+the recipe implies (every size × schedule × LR × seed, refined and control schedules included), so a
+typo or a bad value fails in a second with the file, the key path, the value and what is allowed —
+not an hour into a sweep.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-
+from ..configs import Config, ConfigError, check_value, merge, option, parse_overrides
 from ..errors import UserError
-from ..schedules import SCHEDULES, ScheduleConfig
+from ..labels import BASELINE, REFINED
+from ..schedules import SCHEDULES, RefinedSchedule, ScheduleConfig
 
-BASELINE = "linear"
-REFINED = "refined"
 LAUNCHERS = ("inprocess", "accelerate")
-REFINE_NORMS = ("l1", "l2")
+# Keys of the pretraining config that the pipeline sets for each run (from sizes, seeds, schedules).
+PIPELINE_KEYS = ("model.size", "train.seed", "schedule", "output_dir")
 
-TOP_KEYS = {
-    "name": "a short name for the experiment (used in the report title)",
-    "description": "free text shown in the report",
-    "sizes": "model sizes to train (see `llm-refine sizes`)",
-    "schedules": "schedules to compare: linear (baseline), refined, and controls such as cosine or wsd",
-    "seeds": "training seeds; every schedule runs with each",
-    "lr_multipliers": "peak-LR grid as multipliers of pretrain.train.learning_rate",
-    "refine": "refinement settings: norm (l1|l2), tau, seed, lr_multiplier, warmup",
-    "schedule": "schedule options shared by all schedules (warmup_steps, warmup_ratio, min_ratio)",
-    "pretrain": "the base pretraining config every run shares (llm_refine.train.pretrain)",
-    "size_overrides": "per-size list of dotted key=value overrides of the pretrain config",
-    "launch": "how to run each training: launcher (inprocess|accelerate), config (launch/X.yaml)",
-    "slurm": "settings of emitted SLURM scripts (nodes, gpus_per_node, cpus_per_task, time, partition, account, setup, extra)",
-    "evaluate": "evaluate each final checkpoint on the validation set (true|false)",
-}
-REFINE_KEYS = ("norm", "tau", "seed", "lr_multiplier", "warmup")
-LAUNCH_KEYS = ("launcher", "config", "script", "extra_args")
-SLURM_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "time", "partition", "account", "setup", "extra", "port")
-SHARED_SCHEDULE_KEYS = ("warmup_steps", "warmup_ratio", "min_ratio")
+
+@dataclass(kw_only=True)
+class RefineSettings(Config):
+    norm: Literal["l1", "l2"] = option("l1", doc="l1: weights 1/n (AdamW-type); l2: 1/n^2 (SGD)")
+    tau: float = option(0.1, doc="median-filter width as a fraction of the run (0: none)", ge=0.0)
+    seed: int | None = option(None, doc="seed of the baseline run refined; null: the first seed", ge=0)
+    lr_multiplier: float | None = option(None, doc="LR multiplier of that baseline; null: 1 if in the grid, else the middle", gt=0.0)
+    warmup: bool = option(False, doc="apply the shared warm-up on top of the refined schedule (default: use it as computed)")
+
+
+@dataclass(kw_only=True)
+class SharedScheduleOptions(Config):
+    warmup_steps: int = option(0, doc="warm-up of every schedule, in steps (refined: only with refine.warmup)", ge=0)
+    warmup_ratio: float = option(0.0, doc="warm-up as a fraction of the run", ge=0.0, lt=1.0)
+    min_ratio: float = option(0.0, doc="decay floor of the schedules that have one (linear, cosine, polynomial, wsd)", ge=0.0, le=1.0)
+
+
+@dataclass(kw_only=True)
+class LaunchSettings(Config):
+    launcher: Literal["inprocess", "accelerate"] = option("inprocess", doc="train in this process, or `accelerate launch` each run")
+    config: str | None = option(None, doc="accelerate config for --config_file, e.g. launch/ddp.yaml")
+    script: str = option("recipes/pretrain.py", doc="training script `accelerate launch` runs")
+    extra_args: list[str] = option(default_factory=list, doc="extra `accelerate launch` arguments, as a YAML list")
+
+
+@dataclass(kw_only=True)
+class SlurmSettings(Config):
+    nodes: int = option(1, doc="nodes per training job", ge=1)
+    gpus_per_node: int = option(0, doc="GPUs per node (0: none requested)", ge=0)
+    cpus_per_task: int | None = option(None, doc="#SBATCH --cpus-per-task", ge=1)
+    time: str | None = option(None, doc="#SBATCH --time, e.g. '24:00:00'")
+    partition: str | None = option(None, doc="#SBATCH --partition")
+    account: str | None = option(None, doc="#SBATCH --account")
+    port: int = option(29500, doc="rendezvous port of multi-node runs", ge=1, le=65535)
+    setup: list[str] = option(default_factory=list, doc="shell lines run first (module load, venv)")
+    extra: list[str] = option(default_factory=list, doc='extra "#SBATCH" options, e.g. "--qos=high"')
 
 
 @dataclass
@@ -63,39 +83,7 @@ class RunSchedule:
 
     label: str
     name: str
-    options: dict = field(default_factory=dict)  # ScheduleConfig options beyond the shared ones
-
-
-@dataclass
-class RefineSettings:
-    norm: str = "l1"
-    tau: float = 0.1
-    seed: int | None = None  # baseline run the schedule is refined from: None = the first seed
-    lr_multiplier: float | None = None  # None = 1.0 if in the grid, else the grid's middle value
-    # False: the refined schedule is used as computed (its warm-up, if any, comes from the norms,
-    # as in the paper); True: the shared warm-up is applied on top of it.
-    warmup: bool = False
-
-
-@dataclass
-class LaunchSettings:
-    launcher: str = "inprocess"
-    config: str | None = None  # launch/<engine>.yaml for `accelerate launch --config_file`
-    script: str = "recipes/pretrain.py"
-    extra_args: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SlurmSettings:
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int | None = None
-    time: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    port: int = 29500
-    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, venv)
-    extra: list[str] = field(default_factory=list)  # extra "#SBATCH" options, e.g. "--qos=high"
+    options: dict = field(default_factory=dict)  # the schedule's own options (beyond the shared ones)
 
 
 @dataclass
@@ -106,9 +94,9 @@ class Recipe:
     seeds: list[int]
     lr_multipliers: list[float]
     refine: RefineSettings
-    shared_schedule: dict
+    shared_schedule: SharedScheduleOptions
     pretrain: dict
-    size_overrides: dict[str, list[str]]
+    size_override_map: dict[str, dict]  # size -> nested mapping merged over ``pretrain``
     launch: LaunchSettings
     slurm: SlurmSettings
     evaluate: bool = True
@@ -134,90 +122,167 @@ class Recipe:
         raise KeyError(label)
 
     def schedule_config(self, label: str, refined_file: str | None = None) -> dict:
-        """The ``schedule`` section of a run's pretrain config for the schedule ``label``."""
+        """The ``schedule`` section of a run's config for the schedule ``label``: the shared options
+        the schedule has, then its own. The refined schedule takes the shared warm-up only with
+        ``refine.warmup`` (its warm-up comes from the norms, as in the paper)."""
         s = self.schedule(label)
-        cfg = {**self.shared_schedule, **s.options, "name": s.name}
+        accepts = ScheduleConfig.registry[s.name].field_names()
+        shared = {k: v for k, v in self.shared_schedule.to_dict().items() if k in accepts}
+        shared = {k: v for k, v in shared.items() if v != getattr(SharedScheduleOptions(), k)}  # set ones only
+        if s.name == REFINED and not self.refine.warmup:
+            shared = {k: v for k, v in shared.items() if not k.startswith("warmup")}
+        cfg = {**shared, **s.options, "name": s.name}
         if s.name == REFINED:
             cfg["file"] = refined_file
-            if not self.refine.warmup:
-                cfg.pop("warmup_steps", None)
-                cfg.pop("warmup_ratio", None)
         return cfg
+
+    @property
+    def size_overrides(self) -> dict[str, list[str]]:
+        """The size overrides as dotted ``key=value`` strings (transitional: for plan.py)."""
+        return {size: _flatten(ov) for size, ov in self.size_override_map.items()}
+
+    def base_config(self, size: str) -> dict:
+        """The pretraining mapping every run of ``size`` starts from (before seed, LR and schedule)."""
+        raw = merge(self.pretrain, self.size_override_map.get(size, {}))
+        return merge(raw, {"model": {"size": size}})
+
+    def base_learning_rate(self, size: str) -> float:
+        """The size's peak LR before the sweep multiplier: its override, the recipe's, or the default."""
+        from ..train.config import TrainConfig
+
+        lr = (self.base_config(size).get("train") or {}).get("learning_rate", TrainConfig().learning_rate)
+        return check_value(lr, float, ("train", "learning_rate"))
+
+    def run_config(self, size: str, seed: int, lr_multiplier: float, label: str, run_dir: str | os.PathLike,
+                   refined_file: str | os.PathLike | None = None):
+        """The validated `PretrainConfig` of one run of the recipe."""
+        from ..train.config import load_pretrain_config
+
+        train: dict[str, Any] = {"seed": seed}
+        if not math.isclose(lr_multiplier, 1.0):
+            train["learning_rate"] = self.base_learning_rate(size) * lr_multiplier
+        sched = self.schedule_config(label, refined_file=str(refined_file) if refined_file else None)
+        raw = merge(self.base_config(size), {"train": train})
+        raw["schedule"] = sched
+        raw["output_dir"] = str(run_dir)
+        return load_pretrain_config(raw)
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading a recipe
+
+TOP_KEYS = {
+    "name": "a short name for the experiment (used in the report title)",
+    "description": "free text shown in the report",
+    "sizes": "model sizes to train (see `llm-refine sizes`)",
+    "schedules": "schedules to compare: linear (baseline), refined, and controls such as cosine or wsd",
+    "seeds": "training seeds; every schedule runs with each",
+    "lr_multipliers": "peak-LR grid as multipliers of pretrain.train.learning_rate",
+    "refine": "refinement settings (RefineSettings)",
+    "schedule": "options shared by the schedules that have them (SharedScheduleOptions)",
+    "pretrain": "the base pretraining config every run shares (llm_refine.train.config)",
+    "size_overrides": "per size, a mapping (or key=value list) merged over pretrain",
+    "launch": "how to run each training (LaunchSettings)",
+    "slurm": "settings of emitted SLURM scripts (SlurmSettings)",
+    "evaluate": "evaluate each final checkpoint on the validation set (true|false)",
+}
 
 
-def _where(path: str | None) -> str:
-    return str(path) if path else "recipe"
+def _err(key: tuple[str, ...] | str, detail: str) -> ConfigError:
+    return ConfigError((key,) if isinstance(key, str) else key, detail)
 
 
-def _check_keys(d: dict, allowed, what: str, where: str) -> None:
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise UserError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} in {what}; allowed: {', '.join(sorted(allowed))}"
-        )
+def _unique(values: list, key: str) -> None:
+    seen = [round(v, 12) if isinstance(v, float) else v for v in values]
+    if len(set(seen)) != len(seen):
+        raise _err(key, f"{values!r} lists a value twice")
 
 
-def _section(raw: dict, key: str, allowed, example: str, where: str, what: str | None = None) -> dict:
-    """``raw[key]`` (missing: empty) checked to be a mapping with only ``allowed`` keys."""
-    d = raw.get(key) or {}
-    if not isinstance(d, dict):
-        raise UserError(f"{where}: '{key}' must be a mapping like {example}")
-    _check_keys(d, allowed, what or f"'{key}'", where)
-    return d
-
-
-def _as_list(value, what: str, where: str) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, (str, int, float, dict)):
-        return [value]
-    raise UserError(f"{where}: {what} must be a list, got {type(value).__name__}")
-
-
-def _parse_schedules(raw, where: str) -> list[RunSchedule]:
+def _parse_schedules(raw: Any) -> list[RunSchedule]:
+    items = check_value(raw, list[Any], ("schedules",))
     out: list[RunSchedule] = []
-    for i, item in enumerate(_as_list(raw, "schedules", where)):
+    for i, item in enumerate(items):
+        key = ("schedules", f"[{i}]")
         if isinstance(item, str):
             name, label, options = item, item, {}
-        elif isinstance(item, dict):
-            item = dict(item)
-            if "name" not in item:
-                raise UserError(f"{where}: schedules[{i}] has no 'name'; write e.g. {{name: wsd, decay_fraction: 0.2}}")
-            name = str(item.pop("name"))
-            label = str(item.pop("label", name))
-            options = item
+        elif isinstance(item, Mapping):
+            options = dict(item)
+            if "name" not in options:
+                raise _err(key, "has no 'name'; write e.g. {name: wsd, decay_fraction: 0.2}")
+            name = options.pop("name")
+            label = options.pop("label", name)
         else:
-            raise UserError(f"{where}: schedules[{i}] must be a name or a mapping with 'name', got {item!r}")
+            raise _err(key, f"{item!r} is not a schedule name or a mapping with 'name'")
         if name not in SCHEDULES:
-            raise UserError(f"{where}: unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+            raise _err(key, f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        if not isinstance(label, str) or not label or any(c in label for c in "/\\ ") or label.startswith("."):
+            raise _err(key + ("label",), f"{label!r} must be a plain name (no slashes or spaces)")
         if name == REFINED and options:
-            raise UserError(f"{where}: schedule 'refined' takes its options from the 'refine' section, not {sorted(options)}")
+            raise _err(key, f"'refined' takes its options from the 'refine' section, not {sorted(options)}")
         if "file" in options:
-            raise UserError(f"{where}: schedule {label!r}: 'file' is set by the pipeline (the refined schedule it computes); remove it")
-        try:
-            ScheduleConfig.from_dict({"name": name, **options} if name != REFINED else {"name": name, "multipliers": [1.0, 0.0]})
-        except UserError as e:
-            raise UserError(f"{where}: schedule {label!r}: {e}") from None
-        except TypeError as e:
-            raise UserError(f"{where}: schedule {label!r}: {e}") from None
-        if not label or any(c in label for c in "/\\ ") or label.startswith("."):
-            raise UserError(f"{where}: schedule label {label!r} must be a plain name (no slashes or spaces)")
+            raise _err(key + ("file",), "is set by the pipeline (the refined schedule it computes); remove it")
+        if name != REFINED:
+            try:
+                ScheduleConfig.from_dict({"name": name, **options})
+            except ConfigError as e:
+                raise e.under(*key) from None
         if any(s.label == label for s in out):
-            raise UserError(f"{where}: schedule {label!r} is listed twice; give one of them a distinct 'label'")
+            raise _err(key, f"schedule {label!r} is listed twice; give one of them a distinct 'label'")
         out.append(RunSchedule(label=label, name=name, options=options))
     if not out:
-        raise UserError(f"{where}: 'schedules' is empty; list at least [linear, refined, cosine]")
+        raise _err("schedules", "is empty; list at least [linear, refined, cosine]")
     if not any(s.label == BASELINE and s.name == BASELINE for s in out):
-        raise UserError(f"{where}: 'schedules' must include 'linear', the baseline whose gradient norms are refined")
+        raise _err("schedules", "must include 'linear', the baseline whose gradient norms are refined")
     return out
 
 
-def _check_data(pretrain: dict, where: str, base_dir: Path) -> None:
+def _parse_size_overrides(raw: Any, sizes: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for size, ov in check_value(raw or {}, dict[str, Any], ("size_overrides",)).items():
+        key = ("size_overrides", size)
+        if size not in sizes:
+            raise _err(key, f"names size {size!r}, which is not in 'sizes' {sizes}")
+        if isinstance(ov, (list, tuple)):
+            for it in ov:
+                if not isinstance(it, str) or "=" not in it:
+                    raise _err(key, f"{it!r} is not a dotted key=value override")
+            ov = parse_overrides(list(ov))
+        elif isinstance(ov, Mapping):
+            ov = parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in ov.items()]) if any("." in k for k in ov) else dict(ov)
+        else:
+            raise _err(key, f"{ov!r} is not a mapping or a list of key=value overrides")
+        _refuse_pipeline_keys(ov, key)
+        out[size] = ov
+    return out
+
+
+def _flatten(d: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={_yaml_scalar(v)}")
+    return out
+
+
+def _yaml_scalar(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _refuse_pipeline_keys(pretrain: Mapping, key: tuple[str, ...]) -> None:
+    for dotted in PIPELINE_KEYS:
+        node: Any = pretrain
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            instead = {"model.size": "'sizes'", "train.seed": "'seeds'", "schedule": "'schedules'"}.get(dotted, "the pipeline")
+            raise _err(key + tuple(dotted.split(".")), f"is set by the pipeline from {instead}; remove it")
+
+
+def _check_data(pretrain: dict, base_dir: Path) -> None:
     """Fail early when the recipe points at local data files that are not there."""
     data = pretrain.get("data") if isinstance(pretrain, dict) else None
     if not isinstance(data, dict):
@@ -234,135 +299,83 @@ def _check_data(pretrain: dict, where: str, base_dir: Path) -> None:
         if not pp.is_absolute() and not pp.exists():
             pp = base_dir / pp
         if not pp.exists():
-            raise UserError(
-                f"{where}: pretrain.data.{key}: {p!r} does not exist; fix the path or use the embedded corpus (source: embedded)"
-            )
+            raise _err(("pretrain", "data", key), f"{p!r} does not exist; fix the path or use the embedded corpus (source: embedded)")
 
 
-def parse_recipe(raw: dict, *, path: str | None = None, check_pretrain: bool = True) -> Recipe:
-    """Validate a recipe mapping. ``check_pretrain`` also resolves the pretrain section with
-    `llm_refine.train.pretrain.load_pretrain_config` for each size, so its unknown keys fail here too."""
-    where = _where(path)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: a recipe is a YAML mapping (key: value); got {type(raw).__name__}")
-    _check_keys(raw, TOP_KEYS, "the recipe", where)
-
-    sizes = [str(s) for s in _as_list(raw.get("sizes"), "sizes", where)]
-    if not sizes:
-        raise UserError(f"{where}: 'sizes' is missing; list model sizes, e.g. [cpu-0.5m, cpu-2m] (see `llm-refine sizes`)")
-    if len(set(sizes)) != len(sizes):
-        raise UserError(f"{where}: 'sizes' lists a size twice: {sizes}")
+def _parse_lists(raw: dict) -> tuple[list[str], list[int], list[float]]:
     from ..train.models import MODEL_SIZES
 
-    for s in sizes:
+    sizes = check_value(raw.get("sizes") or [], list[str], ("sizes",))
+    if not sizes:
+        raise _err("sizes", "is missing; list model sizes, e.g. [cpu-0.5m, cpu-2m] (see `llm-refine sizes`)")
+    for i, s in enumerate(sizes):
         if s not in MODEL_SIZES:
-            raise UserError(f"{where}: unknown model size {s!r}; choose from {', '.join(MODEL_SIZES)} (`llm-refine sizes`)")
+            raise _err(("sizes", f"[{i}]"), f"unknown model size {s!r}; choose one of {', '.join(MODEL_SIZES)} (`llm-refine sizes`)")
+    seeds = check_value(raw.get("seeds", [0]), list[int], ("seeds",), {"ge": 0})
+    lrm = check_value(raw.get("lr_multipliers", [1.0]), list[float], ("lr_multipliers",), {"gt": 0.0})
+    for key, values in (("sizes", sizes), ("seeds", seeds), ("lr_multipliers", lrm)):
+        if not values:
+            raise _err(key, "is empty")
+        _unique(values, key)
+    return sizes, seeds, lrm
 
-    schedules = _parse_schedules(raw.get("schedules", [BASELINE, REFINED, "cosine"]), where)
 
-    seeds_raw = _as_list(raw.get("seeds", [0]), "seeds", where)
-    if not seeds_raw or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_raw):
-        raise UserError(f"{where}: 'seeds' must be a list of non-negative integers, got {seeds_raw!r}")
-    if len(set(seeds_raw)) != len(seeds_raw):
-        raise UserError(f"{where}: 'seeds' lists a seed twice: {seeds_raw}")
-
-    lrm = _as_list(raw.get("lr_multipliers", [1.0]), "lr_multipliers", where)
-    if not lrm or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in lrm):
-        raise UserError(f"{where}: 'lr_multipliers' must be positive numbers, e.g. [0.5, 1, 2]; got {lrm!r}")
-    lrm = [float(m) for m in lrm]
-    if len({round(m, 12) for m in lrm}) != len(lrm):
-        raise UserError(f"{where}: 'lr_multipliers' lists a value twice: {lrm}")
-
-    ref_raw = _section(raw, "refine", REFINE_KEYS, "{norm: l1, tau: 0.1}", where)
-    refine = RefineSettings(**ref_raw)
-    if refine.norm not in REFINE_NORMS:
-        raise UserError(f"{where}: refine.norm {refine.norm!r} is not one of {', '.join(REFINE_NORMS)} (l1 for AdamW, l2 for SGD)")
-    if not isinstance(refine.tau, (int, float)) or refine.tau < 0:
-        raise UserError(f"{where}: refine.tau must be a non-negative number, got {refine.tau!r}")
-    if refine.seed is not None and refine.seed not in seeds_raw:
-        raise UserError(f"{where}: refine.seed {refine.seed} is not one of the recipe's seeds {seeds_raw}")
+def _parse(raw: Any, path: str | None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise _err((), f"a recipe is a YAML mapping (key: value); got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise _err(str(unknown[0]), f"unknown key in the recipe; allowed: {', '.join(TOP_KEYS)}")
+    sizes, seeds, lrm = _parse_lists(raw)
+    refine = check_value(raw.get("refine") or {}, RefineSettings, ("refine",))
+    if refine.seed is not None and refine.seed not in seeds:
+        raise _err(("refine", "seed"), f"{refine.seed} is not one of the recipe's seeds {seeds}")
     if refine.lr_multiplier is not None and not any(math.isclose(refine.lr_multiplier, m) for m in lrm):
-        raise UserError(f"{where}: refine.lr_multiplier {refine.lr_multiplier} is not in lr_multipliers {lrm}")
-
-    shared = _section(raw, "schedule", SHARED_SCHEDULE_KEYS, "{warmup_steps: 10}", where,
-                      "'schedule' (per-schedule options go in the 'schedules' list)")
-    try:
-        ScheduleConfig.from_dict({"name": BASELINE, **shared})
-    except (UserError, TypeError) as e:
-        raise UserError(f"{where}: schedule: {e}") from None
-
-    pretrain = raw.get("pretrain") or {}
-    if not isinstance(pretrain, dict):
-        raise UserError(f"{where}: 'pretrain' must be a mapping (the base pretraining config)")
-    for k in ("schedule", "output_dir"):
-        if k in pretrain:
-            raise UserError(f"{where}: pretrain.{k} is set by the pipeline for each run; remove it (schedules go in 'schedules')")
-    for section, key, instead in (("model", "size", "sizes"), ("train", "seed", "seeds")):
-        if isinstance(pretrain.get(section), dict) and key in pretrain[section]:
-            raise UserError(f"{where}: pretrain.{section}.{key} is set by the pipeline from '{instead}'; remove it")
-    base_dir = Path(path).resolve().parent if path else Path.cwd()
-    _check_data(pretrain, where, base_dir)
-
-    so_raw = raw.get("size_overrides") or {}
-    if not isinstance(so_raw, dict):
-        raise UserError(f"{where}: 'size_overrides' must map a size to a list of key=value overrides")
-    size_overrides: dict[str, list[str]] = {}
-    for size, ov in so_raw.items():
-        if size not in sizes:
-            raise UserError(f"{where}: size_overrides names size {size!r}, which is not in 'sizes' {sizes}")
-        items = _as_list(ov, f"size_overrides.{size}", where)
-        if isinstance(ov, dict):
-            items = [f"{k}={v}" for k, v in ov.items()]
-        for it in items:
-            if not isinstance(it, str) or "=" not in it:
-                raise UserError(f"{where}: size_overrides.{size}: {it!r} is not a dotted key=value override")
-            key = it.split("=", 1)[0].strip()
-            if key in ("model.size", "train.seed", "output_dir") or key.startswith("schedule"):
-                raise UserError(f"{where}: size_overrides.{size}: {key} is set by the pipeline; remove {it!r}")
-        size_overrides[str(size)] = [str(x) for x in items]
-
-    launch_raw = _section(raw, "launch", LAUNCH_KEYS, "{launcher: accelerate, config: launch/ddp.yaml}", where)
-    launch = LaunchSettings(**launch_raw)
-    if launch.launcher not in LAUNCHERS:
-        raise UserError(f"{where}: launch.launcher {launch.launcher!r} is not one of {', '.join(LAUNCHERS)}")
-
-    slurm_raw = _section(raw, "slurm", SLURM_KEYS, "{nodes: 2, gpus_per_node: 8, time: '24:00:00'}", where)
-    slurm = SlurmSettings(**slurm_raw)
-    slurm.setup = [str(x) for x in _as_list(slurm.setup, "slurm.setup", where)]
-    slurm.extra = [str(x) for x in _as_list(slurm.extra, "slurm.extra", where)]
-
-    recipe = Recipe(
-        name=str(raw.get("name") or (Path(path).stem if path else "recipe")),
-        description=str(raw.get("description") or ""),
+        raise _err(("refine", "lr_multiplier"), f"{refine.lr_multiplier} is not in lr_multipliers {lrm}")
+    pretrain = check_value(raw.get("pretrain") or {}, dict[str, Any], ("pretrain",))
+    _refuse_pipeline_keys(pretrain, ("pretrain",))
+    _check_data(pretrain, Path(path).resolve().parent if path else Path.cwd())
+    return Recipe(
+        name=check_value(raw.get("name") or (Path(path).stem if path else "recipe"), str, ("name",)),
+        description=check_value(raw.get("description") or "", str, ("description",)),
         sizes=sizes,
-        schedules=schedules,
-        seeds=[int(s) for s in seeds_raw],
+        schedules=_parse_schedules(raw.get("schedules", [BASELINE, REFINED, "cosine"])),
+        seeds=seeds,
         lr_multipliers=lrm,
         refine=refine,
-        shared_schedule=dict(shared),
-        pretrain=copy.deepcopy(pretrain),
-        size_overrides=size_overrides,
-        launch=launch,
-        slurm=slurm,
-        evaluate=bool(raw.get("evaluate", True)),
+        shared_schedule=check_value(raw.get("schedule") or {}, SharedScheduleOptions, ("schedule",)),
+        pretrain=pretrain,
+        size_override_map=_parse_size_overrides(raw.get("size_overrides"), sizes),
+        launch=check_value(raw.get("launch") or {}, LaunchSettings, ("launch",)),
+        slurm=check_value(raw.get("slurm") or {}, SlurmSettings, ("slurm",)),
+        evaluate=check_value(raw.get("evaluate", True), bool, ("evaluate",)),
         path=path,
     )
-    if check_pretrain:
-        _check_pretrain(recipe, where)
-    return recipe
 
 
-def _check_pretrain(recipe: Recipe, where: str) -> None:
-    """Resolve each size's base config with the pretraining loader so unknown keys fail now."""
-    from .runner import base_overrides  # local: runner imports this module
-    from ..train.pretrain import load_pretrain_config
-
+def check_runs(recipe: Recipe) -> None:
+    """Resolve the config of every run the recipe implies (refined and controls, every LR and
+    seed), so a bad value anywhere fails now. Errors name the pretrain key and the run."""
     for size in recipe.sizes:
-        try:
-            overrides = base_overrides(recipe, size, recipe.seeds[0], recipe.lr_multipliers[0], BASELINE, "unused")
-            load_pretrain_config(copy.deepcopy(recipe.pretrain), overrides)
-        except UserError as e:
-            raise UserError(f"{where}: pretrain config for size {size!r}: {e}") from None
+        for sched in recipe.schedules:
+            for lrm in recipe.lr_multipliers:
+                for seed in recipe.seeds:
+                    try:
+                        recipe.run_config(size, seed, lrm, sched.label, "unused", refined_file="refined_schedule.json")
+                    except ConfigError as e:
+                        run = f"size {size}, schedule {sched.label}, lr x{lrm:g}, seed {seed}"
+                        raise ConfigError(("pretrain",) + e.key, f"{e.detail} (in the run: {run})") from None
+
+
+def parse_recipe(raw: Any, *, path: str | None = None, check_pretrain: bool = True) -> Recipe:
+    """Validate a recipe mapping. ``check_pretrain`` also resolves every run's pretraining config."""
+    try:
+        recipe = _parse(raw, path)
+        if check_pretrain:
+            check_runs(recipe)
+    except ConfigError as e:
+        raise UserError(f"{path or 'recipe'}: {e}") from None
+    return recipe
 
 
 def load_recipe(path: str | os.PathLike, *, check_pretrain: bool = True) -> Recipe:
@@ -370,11 +383,19 @@ def load_recipe(path: str | os.PathLike, *, check_pretrain: bool = True) -> Reci
     import yaml
 
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         hint = " (the embedded default is recipes/tiny.yaml)" if not str(path).endswith("tiny.yaml") else ""
         raise UserError(f"{p}: no such recipe file; pass a recipe YAML{hint}")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text; save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     return parse_recipe(raw if raw is not None else {}, path=str(p), check_pretrain=check_pretrain)
+
+
+__all__ = [
+    "BASELINE", "REFINED", "LAUNCHERS", "Recipe", "RunSchedule", "RefineSettings", "SharedScheduleOptions",
+    "LaunchSettings", "SlurmSettings", "RefinedSchedule", "load_recipe", "parse_recipe", "check_runs",
+]

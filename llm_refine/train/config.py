@@ -134,9 +134,9 @@ def load_pretrain_config(
     back too (its ``runtime`` section is ignored). A ``schedule.file`` always means ``refined``.
     """
     if source is None:
-        raw, where = {}, "config"
+        raw, where = {}, None
     elif isinstance(source, Mapping):
-        raw, where = dict(source), "config"
+        raw, where = dict(source), None  # errors are ConfigErrors with the key path; callers add the where
     else:
         raw, where = read_config_file(source), str(source)
     if overrides and not isinstance(overrides, Mapping):

@@ -34,9 +34,9 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import sysconfig
 import tempfile
 import warnings
@@ -53,6 +53,7 @@ from .tokenizer import Tokenizer, cache_dir, get_tokenizer, load_hf_tokenizer, l
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+logger = logging.getLogger(__name__)
 DATA_FORMAT_VERSION = 2  # bump when packing changes, to invalidate old caches
 
 
@@ -394,7 +395,7 @@ def _build(cfg: "DataConfig", key: str, entry: Path) -> None:
             flush_batch()
             batch_chars = 0
         if chars >= next_report:  # large corpora: say that something is happening
-            print(f"[llm-refine data] {chars / 1e6:.0f} M characters tokenized", file=sys.stderr, flush=True)
+            logger.info(f"[llm-refine data] {chars / 1e6:.0f} M characters tokenized")
             next_report += 100_000_000
     flush_batch()
     n_train, n_val = writers[False].close(), writers[True].close()

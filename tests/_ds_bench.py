@@ -41,7 +41,7 @@ def bench_stage(stage: int, rank: int, world: int, out_dir: str) -> dict:
     import torch
 
     from llm_refine.recorder.core import GradNormRecorder
-    from llm_refine.recorder.deepspeed import DeepSpeedBackend, install_step_hook
+    from llm_refine.recorder.backends import detect_backend
 
     m = model()
     n_params = sum(p.numel() for p in m.parameters())
@@ -50,7 +50,7 @@ def bench_stage(stage: int, rank: int, world: int, out_dir: str) -> dict:
     engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-4), config=config)
     g = torch.Generator().manual_seed(rank)
     # As the Trainer callback / accelerate hook do for DeepSpeed: one all-reduce per flush.
-    recorder = GradNormRecorder(DeepSpeedBackend(engine), os.path.join(out_dir, f"z{stage}.jsonl"), flush_every=50,
+    recorder = GradNormRecorder(detect_backend(engine), os.path.join(out_dir, f"z{stage}.jsonl"), flush_every=50,
                                 reduce_at_flush=True)
     hook_times: list[float] = []
     sums_times: list[float] = []
@@ -74,7 +74,7 @@ def bench_stage(stage: int, rank: int, world: int, out_dir: str) -> dict:
     times = {"off": [], "on": []}
     for block in range(BLOCKS):
         for mode in ("off", "on"):
-            handle = install_step_hook(engine, before) if mode == "on" else None
+            handle = recorder.backend.install_step_hook(before) if mode == "on" else None
             for _ in range(STEPS_PER_BLOCK):
                 t = time.perf_counter()
                 step()

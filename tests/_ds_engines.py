@@ -129,7 +129,7 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
 
     from llm_refine.history import read_jsonl
     from llm_refine.recorder.core import GradNormRecorder
-    from llm_refine.recorder.deepspeed import DeepSpeedBackend, install_step_hook
+    from llm_refine.recorder.backends import detect_backend
 
     model = build_model(seed=case_index)
     ref_model = build_model(seed=case_index)
@@ -141,7 +141,8 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
             # Static loss scale on a ZeRO optimizer: backward multiplies the loss by it and step()
             # divides it out, exactly as under fp16; lets CPU exercise the undo-the-scale path.
             engine.optimizer.loss_scaler.cur_scale = case.force_scale
-        backend = DeepSpeedBackend(engine)
+        backend = detect_backend(engine)  # the one place a backend is chosen: a DeepSpeedBackend here
+        out["backend_class"] = type(backend).__name__
         out["layout"] = backend.layout
         out["meta"] = backend.meta()
         path = os.path.join(out_dir, f"{case.name}.jsonl")
@@ -161,7 +162,7 @@ def run_case(case_index: int, case: Case, rank: int, world: int, out_dir: str) -
             if skipped:
                 recorder.mark_skipped(engine.global_steps - 1, "overflow")
 
-        handle = install_step_hook(engine, before, after)
+        handle = backend.install_step_hook(before, after)
         refs, ds_norms = [], []
         n_global = MICRO * case.gas * world
         for step in range(case.steps):

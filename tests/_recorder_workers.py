@@ -233,7 +233,7 @@ def run_config(cfg: Cfg, rank: int, world: int, outdir: str) -> dict:
             if hasattr(total, "full_tensor"):
                 total = total.full_tensor()
             clip_returned.append(float(total))
-            after = rec._step_sums()  # the clipped gradient, to prove clipping happened
+            after = rec.step_sums()  # the clipped gradient, to prove clipping happened
             post_clip.append(float(after[1].sqrt()))
         opt.step()
         opt.zero_grad()

@@ -407,7 +407,7 @@ def test_comm_device_is_unchanged_for_gloo_and_device_tensors():
 
     import torch.distributed as dist
 
-    from llm_refine.recorder.core import _on_comm_device
+    from llm_refine.recorder.backends import on_comm_device
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
@@ -416,6 +416,70 @@ def test_comm_device_is_unchanged_for_gloo_and_device_tensors():
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         t = torch.ones(2, dtype=torch.float64)
-        assert _on_comm_device(t, None) is t
+        assert on_comm_device(t, None) is t
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: the backend contract, no import cycle, the engine helpers for training scripts
+
+
+def test_backends_import_without_deepspeed_and_without_cycle():
+    """Importing the recorder (hook, callback, detect_backend) never imports the DeepSpeed backend;
+    each backend module imports only ``base`` (the DeepSpeed one is imported by ``detect`` only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llm_refine.recorder.callback, llm_refine.recorder.accelerate_hook;"
+        "from llm_refine.recorder.backends import detect_backend;"
+        "assert 'llm_refine.recorder.backends.deepspeed' not in sys.modules;"
+        "assert 'deepspeed' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "llm_refine" / "recorder" / "backends"
+    for name in ("base", "local", "fsdp", "deepspeed"):
+        src = (pkg / f"{name}.py").read_text()
+        siblings = {s for s in ("base", "local", "fsdp", "deepspeed", "detect") if f"from .{s} import" in src}
+        assert siblings <= {"base"} - {name}, (name, siblings)
+
+
+def test_backend_contract_is_public_and_complete():
+    from llm_refine.recorder.backends import NormBackend, ParamGradBackend
+
+    backend = detect_backend(Reg())
+    assert isinstance(backend, ParamGradBackend) and isinstance(backend, NormBackend)
+    assert backend.install_step_hook(lambda: None) is None and backend.clips_itself is False
+    assert [id(p) for p in backend.parameters()] == [id(p) for p in backend.module.parameters()]
+    t = torch.ones(2, dtype=torch.float64)
+    assert backend.reduce(t) is t and backend.to_comm_device(t) is t  # replicated: no reduce
+    with pytest.raises(TypeError):
+        NormBackend()  # abstract: local_sums and device are what every engine must implement
+
+
+def test_engine_info_and_release_engine():
+    from types import SimpleNamespace
+
+    from llm_refine.recorder import engine_info, release_engine
+
+    class Engine:
+        destroyed = 0
+
+        def zero_optimization_stage(self):
+            return 2
+
+        def destroy(self):
+            Engine.destroyed += 1
+
+    acc = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2, device="cpu",
+                          mixed_precision="bf16")
+    trainer = SimpleNamespace(accelerator=acc, model_wrapped=Engine())
+    assert engine_info(trainer) == {"distributed_type": "DEEPSPEED", "world_size": 2, "device": "cpu",
+                                    "mixed_precision": "bf16", "zero_stage": 2, "model_class": "Engine"}
+    release_engine(trainer)
+    assert Engine.destroyed == 1
+    release_engine(SimpleNamespace(model_wrapped=Reg()))  # nothing to release: no error

@@ -18,7 +18,7 @@ import pytest
 import _ds_engines
 from _ds_engines import Case
 from llm_refine.errors import UserError
-from llm_refine.recorder import deepspeed as dsrec
+from llm_refine.recorder.backends import deepspeed as dsrec
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
@@ -166,9 +166,17 @@ def test_unsupported_setups_raise_user_error(attrs, what):
 
 
 def test_per_group_norms_are_refused_not_faked():
-    backend = object.__new__(dsrec.DeepSpeedBackend)  # group_sums needs no engine to refuse
-    with pytest.raises(UserError, match="per-group norms are not supported with DeepSpeed"):
-        backend.group_sums([[]])
+    """DeepSpeed has no per-parameter gradients: its backend implements the base contract only
+    (no group_sums / local_grads that would raise), and the recorder refuses per-group norms."""
+    from llm_refine.recorder.backends import NormBackend, ParamGradBackend
+    from llm_refine.recorder.core import GradNormRecorder
+
+    assert issubclass(dsrec.DeepSpeedBackend, NormBackend)
+    assert not issubclass(dsrec.DeepSpeedBackend, ParamGradBackend)
+    assert not hasattr(dsrec.DeepSpeedBackend, "group_sums") and not hasattr(dsrec.DeepSpeedBackend, "local_grads")
+    backend = object.__new__(dsrec.DeepSpeedBackend)  # the refusal needs no engine
+    with pytest.raises(UserError, match="per-group norms are not supported by the deepspeed backend"):
+        GradNormRecorder(backend, None, param_groups=[[]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +237,7 @@ def test_engine_norms_match_single_process_reference(engine_runs, name):
     # the engine really is what the case claims (DeepSpeed would not say otherwise)
     assert r["stage"] == case.stage
     assert r["layout"] == case.layout
+    assert r["backend_class"] == "DeepSpeedBackend"  # detect_backend chose it
     meta = r["meta"]
     assert meta["zero_stage"] == case.stage and meta["world_size"] == 2 and meta["dtype"] == case.dtype
     assert meta["offload_optimizer"] == ("cpu" if case.offload else "none")

@@ -1,11 +1,12 @@
 """Gradient-norm recorder: exact global ℓ1/ℓ2 per optimizer step for single-process, DDP, FSDP1,
 FSDP2 and DeepSpeed training, as a HF Trainer callback or an accelerate hook.
 
-- ``backends``: where each engine keeps its gradients → this rank's partial sums.
+- ``backends``: the backend contract, one backend per engine (single/DDP, FSDP1/2, DeepSpeed) and
+  ``detect_backend``, the one place a backend is chosen.
 - ``core``: ``GradNormRecorder`` (device buffer, one all-reduce per step, periodic host flush).
 - ``callback``: ``GradNormCallback`` for ``transformers.Trainer``.
 - ``accelerate_hook``: ``AccelerateGradNormHook`` for custom accelerate loops.
-- ``deepspeed``: the DeepSpeed backend and its optimizer-step hook.
+- ``engine``: ``engine_info(trainer)`` / ``release_engine(trainer)`` for training scripts.
 
 Names are imported lazily, so importing one piece does not pull in transformers or deepspeed.
 """
@@ -19,10 +20,13 @@ _LAZY = {
     "GradNormCallback": ".callback",
     "AccelerateGradNormHook": ".accelerate_hook",
     "NormBackend": ".backends",
+    "ParamGradBackend": ".backends",
     "detect_backend": ".backends",
     "grad_scale_of": ".backends",
-    "DeepSpeedBackend": ".deepspeed",
-    "install_step_hook": ".deepspeed",
+    "DeepSpeedBackend": ".backends.deepspeed",
+    "install_step_hook": ".backends.deepspeed",
+    "engine_info": ".engine",
+    "release_engine": ".engine",
 }
 
 __all__ = sorted(_LAZY)

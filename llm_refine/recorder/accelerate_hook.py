@@ -8,8 +8,8 @@ Where the capture happens (the one subtle part):
   the clip wrapper captures BEFORE clipping; the step wrapper captures before the step if no
   clip call did (no clipping), then, after the step, reports a loss-scaler skip
   (``optimizer.step_was_skipped``) and advances the step counter.
-- DeepSpeed: accelerate runs ``engine.step()`` inside ``accelerator.backward``; the ZeRO
-  optimizer's ``step`` is wrapped instead (``llm_refine.recorder.deepspeed.install_step_hook``).
+- DeepSpeed: accelerate runs ``engine.step()`` inside ``accelerator.backward``; the backend's own
+  step hook is used instead (``NormBackend.install_step_hook``: DeepSpeed's model step).
 
 Usage::
 
@@ -78,7 +78,7 @@ class AccelerateGradNormHook:
         self._step = int(start_step)
         self._step_fn = step_fn
         self._captured_at: int | None = None
-        self._ds_handle = None
+        self._engine_handle = None
         self._restore: list[tuple[Any, str, Any]] = []
 
         n_acc = int(getattr(accelerator, "num_processes", 1))
@@ -90,12 +90,12 @@ class AccelerateGradNormHook:
                 "gradients are not reduced across ranks; on a CPU-only machine pass cpu=True to Accelerator "
                 "(use_cpu=True in TrainingArguments)"
             )
-        if _is_deepspeed(accelerator):
-            from .deepspeed import DeepSpeedBackend, install_step_hook  # engineer B's module
-
-            backend = DeepSpeedBackend(model)
-        else:
-            backend = detect_backend(model, scale_fn=lambda: grad_scale_of(getattr(accelerator, "scaler", None), optimizer))
+        backend = detect_backend(model, scale_fn=lambda: grad_scale_of(getattr(accelerator, "scaler", None), optimizer))
+        if _is_deepspeed(accelerator) and backend.engine != "deepspeed":
+            raise UserError(
+                f"accelerate runs DeepSpeed but the model passed is a {type(model).__name__}, not the "
+                "DeepSpeedEngine; pass the model accelerator.prepare returned"
+            )
         groups = None
         if per_group:
             groups = [g["params"] for g in optimizer.param_groups]
@@ -106,15 +106,15 @@ class AccelerateGradNormHook:
             flush_every,
             meta=full_meta,
             resume_after_step=self.step - 1,
-            # DeepSpeed clips by itself, so no one needs the global norm inside the step: reduce
-            # the buffered per-step sums once per flush instead of once per step.
-            reduce_at_flush=_is_deepspeed(accelerator),
+            # An engine that clips by itself (DeepSpeed) needs no global norm inside the step:
+            # reduce the buffered per-step sums once per flush instead of once per step.
+            reduce_at_flush=backend.clips_itself,
             norms=norms,
             param_groups=groups,
         )
-        if _is_deepspeed(accelerator):
-            self._ds_handle = install_step_hook(model, self._before_ds_step, self._after_ds_step)
-        else:
+        # Engines that own the optimizer step (DeepSpeed) hook it; otherwise wrap accelerate's.
+        self._engine_handle = backend.install_step_hook(self._before_engine_step, self._after_engine_step)
+        if self._engine_handle is None:
             self._wrap_clip()
             self._wrap_step()
 
@@ -136,7 +136,7 @@ class AccelerateGradNormHook:
         if self._sums is None:
             return False
         if self._param_ids is None:
-            self._param_ids = frozenset(id(p) for p in self.recorder.backend._params())
+            self._param_ids = frozenset(id(p) for p in self.recorder.backend.parameters())
         return frozenset(id(p) for p in params if getattr(p, "requires_grad", False)) == self._param_ids
 
     def _clip_from_sums(self, max_norm: float):
@@ -150,7 +150,7 @@ class AccelerateGradNormHook:
             self.accelerator.unscale_gradients()  # what accelerate does before clipping
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
             buckets: dict[torch.device, list[torch.Tensor]] = {}
-            for _, g in self.recorder.backend._local_grads():
+            for _, g in self.recorder.backend.local_grads():
                 buckets.setdefault(g.device, []).append(g)
             for dev, grads in buckets.items():
                 torch._foreach_mul_(grads, coef.to(dev))
@@ -207,11 +207,11 @@ class AccelerateGradNormHook:
         # A bound method, so an LR scheduler created later can re-wrap it (it uses __func__).
         self._set(opt, "step", types.MethodType(step, opt))
 
-    # -- DeepSpeed --------------------------------------------------------------------------------
-    def _before_ds_step(self) -> None:
+    # -- engines with their own step hook (DeepSpeed) ---------------------------------------------
+    def _before_engine_step(self) -> None:
         self._capture_once()
 
-    def _after_ds_step(self, skipped: bool) -> None:
+    def _after_engine_step(self, skipped: bool) -> None:
         if skipped:
             self.recorder.mark_skipped(self.step, SKIP_REASON)
         self._step += 1
@@ -232,9 +232,9 @@ class AccelerateGradNormHook:
             else:
                 setattr(obj, name, old)
         self._restore.clear()
-        if self._ds_handle is not None:
-            self._ds_handle.remove()
-            self._ds_handle = None
+        if self._engine_handle is not None:
+            self._engine_handle.remove()
+            self._engine_handle = None
 
     def close(self) -> list[dict]:
         """Remove the wrappers, flush and close the history file."""

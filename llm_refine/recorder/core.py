@@ -18,24 +18,13 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from ..history import HistoryWriter
-from .backends import NormBackend
+from .backends.base import NormBackend
 
 _NORMS = ("l1", "l2")
 
 
 def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _on_comm_device(t: torch.Tensor, group) -> torch.Tensor:
-    """NCCL reduces only CUDA tensors: sums computed on the host (CPU-offloaded gradients under
-    FSDP or DeepSpeed) go to this rank's GPU for the one all-reduce."""
-    if t.device.type != "cpu":
-        return t
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
-        return t.to(torch.device("cuda", torch.cuda.current_device()))
-    return t
 
 
 class GradNormRecorder:
@@ -98,26 +87,24 @@ class GradNormRecorder:
         self.reduce_at_flush = bool(reduce_at_flush)
 
     def _group_sums(self) -> torch.Tensor:
-        try:
-            return self.backend.group_sums(self.param_groups)
-        except (AttributeError, NotImplementedError):
+        group_sums = getattr(self.backend, "group_sums", None)  # ParamGradBackend only
+        if group_sums is None:
             raise UserError(
-                f"per-group norms are not supported by the {self.backend.engine} backend; drop per_group/param_groups"
-            ) from None
+                f"per-group norms are not supported by the {self.backend.engine} backend (its gradients are "
+                "not per-parameter tensors, e.g. DeepSpeed's flat ZeRO partitions); drop per_group/param_groups"
+            )
+        return group_sums(self.param_groups)
 
     # -- per step ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _step_sums(self, reduce: bool = True) -> torch.Tensor:
+    def step_sums(self, reduce: bool = True) -> torch.Tensor:
+        """This step's sums (global with ``reduce``, else local on the comm device), without
+        recording them; ``capture`` records them."""
         sums = self.backend.local_sums()
         if self.param_groups is not None:
             g = self._group_sums().to(sums.device, sums.dtype)
             sums = torch.cat([sums.reshape(-1), g.reshape(-1)])
-        if self.backend.needs_reduce:
-            group = self.backend.reduce_group
-            sums = _on_comm_device(sums, group)
-            if reduce:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        return sums
+        return self.backend.reduce(sums) if reduce else self.backend.to_comm_device(sums)
 
     def capture(self, step: int) -> torch.Tensor:
         """Record the current gradients as optimizer step ``step`` (0-based). Call on every rank.
@@ -128,7 +115,7 @@ class GradNormRecorder:
             # Flush lazily, at the NEXT capture: by then the caller has had the chance to
             # mark_skipped() the previous step, so a skipped step is never written as norms.
             self.flush()
-        sums = self._step_sums(reduce=not self.reduce_at_flush)
+        sums = self.step_sums(reduce=not self.reduce_at_flush)
         if self._buf is None or self._buf.shape[1] != sums.numel() or self._buf.device != sums.device:
             if self._steps:
                 self.flush()  # never drop pending rows when the buffer has to be reallocated
@@ -148,9 +135,10 @@ class GradNormRecorder:
     def flush(self) -> list[dict]:
         """Copy pending sums to the host (one sync), write them (rank 0), return the records."""
         n = len(self._steps)
-        if n and self.reduce_at_flush and self.backend.needs_reduce:
-            # One all-reduce for every step since the last flush (a contiguous (n, k) block).
-            dist.all_reduce(self._buf[:n], op=dist.ReduceOp.SUM, group=self.backend.reduce_group)
+        if n and self.reduce_at_flush:
+            # One all-reduce for every step since the last flush (a contiguous (n, k) block, already
+            # on the comm device, so reduced in place); nothing when the backend needs no reduce.
+            self.backend.reduce(self._buf[:n])
         host = self._buf[:n].cpu().double() if n else None  # the one device->host sync
         records: dict[int, dict] = {}
         for i, step in enumerate(self._steps):

@@ -41,10 +41,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import UserError
-from .backends import NormBackend, sums_of
+from ...errors import UserError
+from .base import NormBackend, sums_of
 
-__all__ = ["DeepSpeedBackend", "StepHookHandle", "install_step_hook"]
+__all__ = ["DeepSpeedBackend", "StepHookHandle", "install_step_hook", "zero3_real_elements"]
 
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
@@ -183,15 +183,19 @@ def _single_group(groups: list, what: str):
 class DeepSpeedBackend(NormBackend):
     """Local [Σ|g|, Σg²] of the gradient a ``deepspeed.DeepSpeedEngine``'s optimizer applies.
 
-    Call :meth:`local_sums` at the optimizer step, before clipping (``install_step_hook`` does
-    that). The sums have the loss scale undone; for partitioned layouts the recorder core sums them
-    over ``reduce_group`` (``needs_reduce`` is True), for replicated ones it uses them as they are.
+    Build it with :func:`~llm_refine.recorder.backends.detect_backend` (``detect_backend(engine)``).
+    Call :meth:`local_sums` at the optimizer step, before clipping (:meth:`install_step_hook` does
+    that). The sums have the loss scale undone (read from the DeepSpeed optimizer, so no
+    ``scale_fn``); for partitioned layouts the recorder sums them over ``reduce_group``
+    (``needs_reduce`` is True), for replicated ones it uses them as they are. DeepSpeed clips inside
+    its own step (``clips_itself``). It implements the :class:`NormBackend` contract only: ZeRO keeps
+    flat partitions, not per-parameter gradients, so there are no per-group norms.
     """
 
     engine = "deepspeed"
+    clips_itself = True
 
     def __init__(self, engine):
-        super().__init__()  # no scale_fn: the loss scale is read from the DeepSpeed optimizer
         _check_supported(engine)
         self.ds_engine = engine
         self.layout = _detect_layout(engine)
@@ -245,14 +249,9 @@ class DeepSpeedBackend(NormBackend):
             sums = sums / torch.tensor([scale, scale * scale], dtype=sums.dtype, device=sums.device)
         return sums
 
-    def group_sums(self, param_groups) -> torch.Tensor:
-        raise UserError(
-            "per-group norms are not supported with DeepSpeed (ZeRO keeps flat partitions, not "
-            "per-parameter gradients); record the global norms only (no param_groups)"
-        )
-
-    def _local_grads(self):
-        raise UserError("DeepSpeed gradients are flat ZeRO partitions, not per-parameter tensors")
+    def install_step_hook(self, before, after=None) -> "StepHookHandle":
+        """:func:`install_step_hook` on this backend's engine."""
+        return install_step_hook(self.ds_engine, before, after)
 
     # -- details -----------------------------------------------------------------------------
 

@@ -113,8 +113,13 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(reference_run, tmp_pa
     assert not (tmp_path / "summary.json").exists()
     assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == list(range(24))
     assert history_records(tmp_path / "gradnorms.jsonl")[-1]["step"] >= 20
+    before = json.loads((tmp_path / "checkpoint-20" / "llm_refine_progress.json").read_text())
     summary = run_pretrain(cfg)
     assert summary["resumed_from_step"] == 20 and summary["steps"] == STEPS
+    # Time of the whole run, not of its last segment.
+    assert summary["segments"] == 2 and before["segments"] == 1
+    assert summary["train_time_s"] > before["train_time_s"] > 0
+    assert summary["steps_per_s"] == pytest.approx(STEPS / summary["train_time_s"], rel=1e-2)
 
     a, b = read_jsonl(ref / "train_log.jsonl"), read_jsonl(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in b] == list(range(STEPS))
@@ -128,6 +133,18 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(reference_run, tmp_pa
     ea, eb = read_jsonl(ref / "eval_log.jsonl"), read_jsonl(tmp_path / "eval_log.jsonl")
     assert [r["step"] for r in eb] == [10, 20, 30]
     assert [r["val_loss"] for r in eb] == pytest.approx([r["val_loss"] for r in ea], rel=1e-5)
+
+
+def test_kill_between_final_checkpoint_and_summary_logs_the_final_evaluation_once(tmp_path):
+    """A run killed after its last checkpoint but before summary.json is restarted: it resumes at
+    the last step, evaluates, and writes the summary, without a second record of that evaluation."""
+    cfg = load_pretrain_config(None, tiny_overrides(tmp_path, steps=12))
+    first = run_pretrain(cfg)
+    (tmp_path / "summary.json").unlink()  # what a kill right before the summary leaves
+    again = run_pretrain(cfg)
+    assert again["resumed_from_step"] == 12 and again["segments"] == 2
+    assert again["final_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-6)
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval_log.jsonl")] == [10, 12]
 
 
 def test_runs_differing_only_in_schedule_see_the_same_batches(reference_run, tmp_path):
@@ -170,7 +187,7 @@ def test_user_errors(tmp_path):
         load_pretrain_config(None, ["train.max_step=3"])
     with pytest.raises(UserError, match="not key=value"):
         load_pretrain_config(None, ["train.max_steps"])
-    with pytest.raises(UserError, match="recipe .* does not exist"):
+    with pytest.raises(UserError, match="none.yaml: no such config file"):
         load_pretrain_config(tmp_path / "none.yaml")
     with pytest.raises(UserError, match="not a multiple"):
         run_pretrain(load_pretrain_config(None, tiny_overrides(tmp_path / "c", "train.micro_batch_size=3")))

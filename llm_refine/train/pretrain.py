@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..fileio import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from ..schedules import make_schedule
 from .config import PretrainConfig, TrainConfig, load_pretrain_config  # noqa: F401  (re-exported: the run's API)
-from .rundir import EVAL_LOG, RUN_CONFIG, SUMMARY, TRAIN_LOG, checkpoint_step, latest_checkpoint
+from .rundir import EVAL_LOG, PROGRESS_FILE, RUN_CONFIG, SUMMARY, TRAIN_LOG, checkpoint_step, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +76,33 @@ def _say(line: str) -> None:
     logger.info(line)
 
 
-def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: int):
+def _make_callbacks(out: Path, probe: _BatchProbe, is_main: bool, print_every: int, resumed: dict):
+    """``resumed``: what the checkpoint we resume from says (``last_eval_step``, and the train and
+    wall seconds of the segments before it), so a resumed run neither logs the same evaluation
+    twice nor reports only its last segment's time."""
     from transformers import TrainerCallback
 
     class RunLogCallback(TrainerCallback):
-        """Appends train/eval records (rank 0), prints progress, and forces a final checkpoint."""
+        """Appends train/eval records (rank 0), prints progress, forces a final checkpoint, and
+        stores the run's elapsed time in every checkpoint."""
 
         def __init__(self):
-            self.last_eval_step = -1
+            self.last_eval_step = resumed.get("last_eval_step", -1)
             self.t0 = time.perf_counter()
             self.s0 = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.s0 = time.perf_counter(), state.global_step
+
+        def elapsed(self) -> dict:
+            seg = time.perf_counter() - self.t0
+            return {"train_time_s": resumed.get("train_time_s", 0.0) + seg, "wall_time_s": resumed.get("wall_time_s", 0.0) + seg,
+                    "segments": resumed.get("segments", 0) + 1}
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = out / f"checkpoint-{state.global_step}"
+            if is_main and ckpt.is_dir():
+                atomic_write_json(ckpt / PROGRESS_FILE, self.elapsed())
 
         def on_step_end(self, args, state, control, **kw):
             # Always checkpoint the last step: `evaluate_checkpoint` and a restart need it.
@@ -245,7 +259,7 @@ def _training_arguments(cfg: PretrainConfig, out: Path, micro: int, accum: int, 
     )
 
 
-def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: bool, callbacks: Sequence):
+def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: bool, callbacks: Sequence, resumed: dict):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..schedules import use_schedule
@@ -257,7 +271,7 @@ def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: b
     probe = _BatchProbe()
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-        callbacks=[_gradnorm_callback(), _make_callbacks(out, probe, is_main, t.print_every), *callbacks],
+        callbacks=[_gradnorm_callback(), _make_callbacks(out, probe, is_main, t.print_every, resumed), *callbacks],
     )
     trainer.batch_probe = probe
     for cb in (PrinterCallback, ProgressCallback):
@@ -273,18 +287,31 @@ def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: b
     return use_schedule(trainer, cfg.schedule)
 
 
+def _resumed_state(out: Path, ckpt: Path | None, resume_step: int) -> dict:
+    """What a restart carries over from its checkpoint: the elapsed time of the earlier segments
+    and whether the evaluation at the checkpoint's step is already in eval_log.jsonl (a run killed
+    between its final checkpoint and summary.json must not log the final evaluation twice)."""
+    if ckpt is None:
+        return {}
+    state = dict(read_json(ckpt / PROGRESS_FILE, {}) or {})
+    evals = read_jsonl(out / EVAL_LOG)
+    if evals and evals[-1].get("step") == resume_step:
+        state["last_eval_step"] = resume_step
+    return state
+
+
 def _summary(cfg: PretrainConfig, trainer, out: Path, val_loss: float, times: dict, resume_step: int, data, n_params: int) -> dict:
     steps = trainer.state.global_step
-    steps_run = steps - resume_step
     train_time = times["train"]
     ppl = math.exp(val_loss) if val_loss < 700 else float("inf")
     return {
         "final_val_loss": val_loss,
         "perplexity": ppl if math.isfinite(ppl) else None,  # JSON has no inf; the val loss says it all
         "tokens_seen": steps * cfg.train.batch_size * cfg.data.seq_len,
-        "wall_time_s": round(times["wall"], 3),
+        "wall_time_s": round(times["wall"], 3),  # all segments of a resumed run
         "train_time_s": round(train_time, 3),
-        "steps_per_s": round(steps_run / train_time, 3) if train_time > 0 and steps_run else None,
+        "steps_per_s": round(steps / train_time, 3) if train_time > 0 and steps else None,
+        "segments": times["segments"],
         "max_steps": cfg.train.max_steps,
         "steps": steps,
         "resumed_from_step": resume_step,
@@ -348,12 +375,14 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
         truncate_log(out / TRAIN_LOG, resume_step - 1)
         truncate_log(out / EVAL_LOG, resume_step)
 
-    trainer = _build_trainer(cfg, args, data, model, out, is_main, callbacks)
+    resumed = _resumed_state(out, ckpt, resume_step)
+    trainer = _build_trainer(cfg, args, data, model, out, is_main, callbacks, resumed)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_time = time.perf_counter() - t0
     metrics = trainer.evaluate()  # logged to eval_log.jsonl unless the last periodic eval was this step
-    times = {"train": train_time, "wall": time.perf_counter() - t0}
+    times = {"train": resumed.get("train_time_s", 0.0) + train_time,
+             "wall": resumed.get("wall_time_s", 0.0) + time.perf_counter() - t0, "segments": resumed.get("segments", 0) + 1}
     summary = _summary(cfg, trainer, out, float(metrics["eval_loss"]), times, resume_step, data, n_params)
     if is_main:
         atomic_write_json(out / SUMMARY, summary)  # last: its presence means the run finished

@@ -7,7 +7,8 @@ resume / run), evaluation and the report (read) agree on names and on what "fini
               gradnorms.jsonl   the gradient-norm history (llm_refine.history)
               train_log.jsonl   per logged step: step, loss, lr, batch fingerprint
               eval_log.jsonl    per evaluation: step, val_loss
-              checkpoint-N/     Trainer checkpoints (the model's own config.json lives here)
+              checkpoint-N/     Trainer checkpoints (the model's own config.json lives here), each
+                                with llm_refine_progress.json: the run's elapsed time up to it
               summary.json      written last: its presence means the run finished
               eval.json         the pipeline's evaluation of the final checkpoint
               pipeline_stage.json  what the pipeline launched here (stage id, spec hash)
@@ -38,12 +39,13 @@ STATE_FILE = "pipeline_state.json"
 REFINED_FILE = "refined_schedule.json"
 RECIPE_COPY = "recipe.yaml"
 LOCK_FILE = ".pipeline.lock"
+PROGRESS_FILE = "llm_refine_progress.json"  # in each checkpoint-N/
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 __all__ = [
     "RUN_CONFIG", "GRADNORMS", "TRAIN_LOG", "EVAL_LOG", "SUMMARY", "EVAL_FILE", "STAGE_MARKER", "STATE_FILE",
-    "REFINED_FILE", "RECIPE_COPY", "LOCK_FILE", "read_json", "read_jsonl", "latest_checkpoint",
+    "REFINED_FILE", "RECIPE_COPY", "LOCK_FILE", "PROGRESS_FILE", "read_json", "read_jsonl", "latest_checkpoint",
     "checkpoint_step", "final_checkpoint", "is_finished", "read_summary", "read_run_config",
 ]
 

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     from .pipeline.runner import add_pipeline_arguments, main_pipeline
-    from .report.build import add_compare_arguments, main_compare
+    from .report import add_compare_arguments, main_compare
 
     for name, add, func, help_ in (
         ("pipeline", add_pipeline_arguments, main_pipeline, "per size: linear baseline -> refine -> rerun (+ controls) -> report"),

@@ -11,15 +11,9 @@ import pytest
 
 from llm_refine.errors import UserError
 from llm_refine.history import write_history
-from llm_refine.report.build import (
-    best_cells,
-    build_report,
-    collect_runs,
-    fairness_rows,
-    loss_table,
-    main_compare,
-    sweep_table,
-)
+from llm_refine.report import build_report, collect_runs, main_compare
+from llm_refine.report.stats import best_cells, fairness_rows, loss_table, sweep_table
+from llm_refine.train.rundir import RUN_CONFIG
 
 PARAMS = {"cpu-0.5m": 400_000, "cpu-2m": 1_900_000, "cpu-8m": 7_800_000}
 
@@ -50,7 +44,7 @@ def make_run(
         "schedule": sched,
         "output_dir": str(run_dir),
     }
-    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / RUN_CONFIG).write_text(json.dumps(config))
     rng = np.random.default_rng(seed)
     norms = 5.0 * np.exp(-np.arange(steps) / steps) + rng.uniform(0, 0.5, steps)
     write_history(run_dir / "gradnorms.jsonl", [{"step": i, "l1": 100 * float(n), "l2": float(n)} for i, n in enumerate(norms)])
@@ -213,7 +207,7 @@ def test_compare_rebuilds_report(tmp_path, capsys):
 
 def test_gradnorms_plot_draws_the_refinement_median_filter(tmp_path, monkeypatch):
     """The smoothed curve is the refinement's own median filter at the schedule's tau."""
-    from llm_refine.report import build as rep
+    from llm_refine.report import plots as rep
     from llm_refine.history import write_history
     from llm_refine.refine import smooth_norms
 
@@ -221,20 +215,16 @@ def test_gradnorms_plot_draws_the_refinement_median_filter(tmp_path, monkeypatch
     vals = np.exp(-np.arange(100) / 30) + 0.5
     write_history(run_dir / "gradnorms.jsonl", [{"step": i, "l1": float(v), "l2": float(v) / 3} for i, v in enumerate(vals)])
     drawn = []
-    real = rep._plt()
+    real = rep.new_figure
 
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        for ax in axes.ravel():
+            orig = ax.plot
+            ax.plot = lambda x, y, *aa, _o=orig, **kk: (drawn.append((kk.get("label", ""), np.asarray(y))), _o(x, y, *aa, **kk))[1]
+        return fig, axes
 
-        def subplots(self, *a, **k):
-            fig, axes = real.subplots(*a, **k)
-            for ax in axes.ravel():
-                orig = ax.plot
-                ax.plot = lambda x, y, *aa, _o=orig, **kk: (drawn.append((kk.get("label", ""), np.asarray(y))), _o(x, y, *aa, **kk))[1]
-            return fig, axes
-
-    monkeypatch.setattr(rep, "_plt", lambda: Spy())
+    monkeypatch.setattr(rep, "new_figure", spy)
     run = type("R", (), {"history": run_dir / "gradnorms.jsonl", "size": "s"})()
     out = rep.plot_gradnorms(run, tmp_path / "g.png", tau=0.2)
     assert out.exists()

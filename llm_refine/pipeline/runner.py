@@ -801,7 +801,7 @@ class Pipeline:
                 losses.append(res.get("val_loss"))
             return f"{len(losses)} run(s) evaluated"
         if stage.kind == "report":
-            from ..report.build import build_report, collect_runs
+            from ..report import build_report, collect_runs
 
             runs = collect_runs([self.out])
             paths = build_report(runs, self.out, title=f"llm-refine: {self.recipe.name}", recipe=self.recipe)

@@ -12,13 +12,25 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..configs import Config, ConfigError, merge, option, parse_overrides
 from ..errors import UserError
 from ..schedules import LinearSchedule, RefinedSchedule, ScheduleConfig
 
 SOURCES = ("embedded", "files", "c4")
+# TrainingArguments fields that pretraining derives from this config (llm_refine.train.pretrain).
+TRAINER_ARGS_SET_HERE = {
+    "output_dir": "output_dir", "max_steps": "train.max_steps", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.micro_batch_size", "per_device_eval_batch_size": "train.eval_batch_size",
+    "learning_rate": "train.learning_rate", "weight_decay": "train.weight_decay", "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2", "adam_epsilon": "train.adam_epsilon", "max_grad_norm": "train.max_grad_norm",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.save_total_limit", "seed": "train.seed", "data_seed": "train.seed", "report_to": "train.report_to",
+    "bf16": "train.bf16", "deepspeed": "train.deepspeed", "activation_checkpointing": "train.gradient_checkpointing",
+    "lr_scheduler_type": "schedule", "warmup_steps": "schedule", "warmup_ratio": "schedule", "optim": "AdamW, fixed",
+    "train_sampling_strategy": "the data order, fixed", "use_cpu": "the device, automatic",
+}
 MIN_TRAINED_VOCAB = 512  # byte fallback alone takes 256 pieces, plus specials and the corpus' characters
 
 
@@ -84,6 +96,24 @@ class TrainConfig(Config):
     num_threads: int | None = option(None, doc="CPU threads per process; null: 1 on CPU (fastest for small models)", ge=1)
     deepspeed: str | dict[str, object] | None = option(None, doc="a DeepSpeed config (file or mapping) for the Trainer")
     gradient_checkpointing: bool = option(False, doc="recompute activations in the backward pass")
+    report_to: str | list[str] = option("none", doc='the Trainer\'s trackers, e.g. tensorboard or [tensorboard, wandb]; "none": no tracker')
+    trainer_args: dict[str, Any] = option(
+        default_factory=dict, doc="other transformers.TrainingArguments fields, passed through (e.g. logging_dir, run_name)"
+    )
+
+    def validate(self) -> None:
+        if not self.trainer_args:
+            return
+        import dataclasses as dc
+
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dc.fields(TrainingArguments)}
+        for key in self.trainer_args:
+            if key in TRAINER_ARGS_SET_HERE:
+                raise ConfigError(("trainer_args", key), f"is set from the train section ({TRAINER_ARGS_SET_HERE[key]}); set that instead")
+            if key not in known:
+                raise ConfigError(("trainer_args", key), "is not a transformers.TrainingArguments field")
 
 
 @dataclass(kw_only=True)

@@ -245,7 +245,7 @@ def _training_arguments(cfg: PretrainConfig, out: Path, micro: int, accum: int, 
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        report_to="none",
+        report_to=t.report_to,
         disable_tqdm=True,
         use_cpu=not cuda,  # under torchrun on CPU the Trainer only reduces grads with use_cpu=True
         bf16=_use_bf16(t),
@@ -256,6 +256,7 @@ def _training_arguments(cfg: PretrainConfig, out: Path, micro: int, accum: int, 
         remove_unused_columns=False,
         train_sampling_strategy="sequential",
         ddp_find_unused_parameters=False,
+        **t.trainer_args,
     )
 
 

@@ -7,11 +7,15 @@ that names the file, the problem and the fix; no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import UserError
+
+_WARN_LOGGER = "llm_refine.cli.warnings"
+_HOLD_WARNINGS = ("refine", "show", "plot")
 
 
 def _fmt(v) -> str:
@@ -21,9 +25,9 @@ def _fmt(v) -> str:
 
 
 def format_schedule_summary(artifact: dict, path: str = "") -> str:
-    prov = artifact.get("provenance", {})
-    d = artifact.get("diagnostics", {})
-    fit = artifact.get("fit", {})
+    prov = artifact.get("provenance") or {}
+    d = artifact.get("diagnostics") or {}
+    fit = artifact.get("fit") or {}
     T = len(artifact["multipliers"])
     lines = [
         f"schedule {path}".rstrip(),
@@ -31,8 +35,8 @@ def format_schedule_summary(artifact: dict, path: str = "") -> str:
         f"  refinement norm={prov.get('norm', '?')} power={_fmt(prov.get('power', '?'))} tau={_fmt(prov.get('tau', '?'))} "
         f"median width={prov.get('median_width', '?')} T={T} steps",
     ]
-    inp = prov.get("input", {})
-    if inp:
+    inp = prov.get("input")
+    if isinstance(inp, dict) and inp:
         lines.append(
             "  input      "
             + ", ".join(f"{k}={v}" for k, v in inp.items() if k in ("logged", "filled", "duplicates", "dropped_nonfinite", "skipped_steps"))
@@ -63,6 +67,11 @@ def format_schedule_summary(artifact: dict, path: str = "") -> str:
 def cmd_refine(args) -> int:
     from .refine import refine_file
 
+    if args.plot is not None:
+        from .figures import figure_format
+
+        figure_format(args.plot)  # an unknown figure suffix fails before any work
+
     art = refine_file(args.history, args.output, norm=args.norm, tau=args.tau, power=args.power, column=args.column, plot=args.plot)
     print(format_schedule_summary(art, args.output))
     print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
@@ -70,28 +79,101 @@ def cmd_refine(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .artifact import read_schedule
+    import numpy as np
 
-    print(format_schedule_summary(read_schedule(args.schedule), args.schedule))
+    from .artifact import read_schedule
+    from .refine import describe_schedule, fit_warmup_poly
+
+    art = read_schedule(args.schedule)
+    # The summary describes the multipliers actually in the file, not what was stored beside them.
+    m = np.asarray(art["multipliers"], dtype=np.float64)
+    art["diagnostics"], art["fit"] = describe_schedule(m), fit_warmup_poly(m)
+    print(format_schedule_summary(art, args.schedule))
     return 0
 
 
+_PLOT_DEFAULTS = {"norm": "l1", "tau": 0.1, "power": None, "column": None}
+
+
+def _is_schedule_file(path: str) -> bool:
+    """A .json file that is a schedule (a .json history starts with a gradnorms header or a step)."""
+    if not str(path).lower().endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return True  # reported by read_schedule, with the schedule's wording
+    return not (b'"llm-refine/gradnorms"' in head or b'"step"' in head)
+
+
+def _schedule_source(args, art: dict) -> tuple[str, dict]:
+    """The source history of a schedule and its refinement settings, checked against the file."""
+    from .fileio import sha256_file
+
+    prov = art.get("provenance") or {}
+    src = prov.get("source")
+    if not prov or not isinstance(src, str) or not src:
+        raise UserError(f"{args.input}: has no provenance, so the history it was refined from is unknown; pass that history file to `llm-refine plot` instead")
+    if not Path(src).is_file():
+        raise UserError(f"{args.input}: its source history {src!r} is gone; pass the history file to `llm-refine plot` instead")
+    sha = prov.get("source_sha256")
+    if isinstance(sha, str) and sha and sha256_file(src) != sha:
+        raise UserError(
+            f"{args.input}: its source history {src} has changed since the refinement (sha256 differs); "
+            "re-run `llm-refine refine` on it, or plot the history file itself"
+        )
+    settings = {}
+    for key, ok in (
+        ("norm", lambda v: v in ("l1", "l2")),
+        ("tau", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v and v != float("inf")),
+        ("column", lambda v: v is None or isinstance(v, str)),
+    ):
+        v = prov.get(key, _PLOT_DEFAULTS[key])
+        if not ok(v):
+            raise UserError(f"{args.input}: provenance {key!r} is {v!r}, which is not valid; regenerate it with `llm-refine refine`")
+        settings[key] = v
+    return src, settings
+
+
 def cmd_plot(args) -> int:
+    import numpy as np
+
     from .artifact import read_schedule
+    from .figures import figure_format
+    from .fileio import check_outputs
     from .history import load_trace
     from .plotting import plot_refinement
-    from .refine import refine_trace
+    from .refine import describe_schedule, median_width, prepare_norms, refine_trace, smooth_norms
 
-    src, norm, tau, column, power = args.input, args.norm, args.tau, args.column, args.power
-    if str(src).endswith(".json"):
-        # A schedule file: re-derive the plot from the history it was refined from.
-        prov = read_schedule(src)["provenance"]
-        src = prov.get("source")
-        if not src or not Path(src).exists():
-            raise UserError(f"{args.input}: its source history {src!r} is gone; pass the history file to `llm-refine plot` instead")
-        norm, tau, column, power = prov.get("norm", norm), prov.get("tau", tau), prov.get("column"), prov.get("power")
-    trace = load_trace(src, norm=norm, column=column)
-    m, info = refine_trace(trace, norm=norm, tau=tau, power=power)
+    given = {k: getattr(args, k) for k in _PLOT_DEFAULTS if getattr(args, k) is not None}
+    check_outputs({"-o": args.output}, {"input": args.input})
+    figure_format(args.output)
+    if _is_schedule_file(args.input):
+        # A schedule file: draw its own multipliers; the norms panel comes from its source history,
+        # which must be the file it was refined from.
+        if given:
+            flags = " ".join(f"--{k}" for k in given)
+            raise UserError(f"{args.input}: {flags} only apply when plotting a history; a schedule file carries its own settings; drop {flags}")
+        art = read_schedule(args.input)
+        src, s = _schedule_source(args, art)
+        check_outputs({"-o": args.output}, {"source history": src})
+        m = np.asarray(art["multipliers"], dtype=np.float64)
+        trace = load_trace(src, norm=s["norm"], column=s["column"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hygiene warnings were shown when it was refined
+            steps, values, _ = prepare_norms(trace.steps, trace.values, source=trace.source)
+        info = {
+            "steps": steps,
+            "norms": values,
+            "smoothed": smooth_norms(values, s["tau"]),
+            "width": median_width(values.size, s["tau"]),
+            "diagnostics": describe_schedule(m),
+        }
+    else:
+        opts = {**_PLOT_DEFAULTS, **given}
+        trace = load_trace(args.input, norm=opts["norm"], column=opts["column"])
+        m, info = refine_trace(trace, norm=opts["norm"], tau=opts["tau"], power=opts["power"])
     plot_refinement(info, m, args.output, title=Path(trace.source).name)
     print(f"wrote {args.output}")
     return 0
@@ -110,8 +192,15 @@ def cmd_bench(args) -> int:
     return main_bench(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2): the problem and where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="llm-refine",
         description="Refined learning-rate schedules from gradient-norm histories (arXiv 2310.07831).",
     )
@@ -124,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--power", type=float, default=None, help="explicit weight power w=n^-power (overrides --norm)")
     r.add_argument("--column", default=None, help="column (CSV) or key (JSONL) holding the norms")
     r.add_argument("-o", "--output", required=True, help="schedule JSON to write")
-    r.add_argument("--plot", default=None, help="also write this PNG")
+    r.add_argument("--plot", default=None, help="also write this figure (.png, .pdf or .svg)")
     r.set_defaults(func=cmd_refine)
 
     s = sub.add_parser("show", help="print a schedule file's diagnostics and fit")
@@ -132,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     pl = sub.add_parser("plot", help="PNG of raw/smoothed norms and the refined schedule vs linear and cosine")
-    pl.add_argument("input", help="a history file, or a schedule JSON (its source history is used)")
-    pl.add_argument("--norm", choices=["l1", "l2"], default="l1")
-    pl.add_argument("--tau", type=float, default=0.1)
-    pl.add_argument("--power", type=float, default=None)
-    pl.add_argument("--column", default=None)
-    pl.add_argument("-o", "--output", required=True, help="PNG to write")
+    pl.add_argument("input", help="a history file (refined with the options), or a schedule JSON (its multipliers; norms from its source history)")
+    pl.add_argument("--norm", choices=["l1", "l2"], default=None, help="history only; default l1")
+    pl.add_argument("--tau", type=float, default=None, help="history only; default 0.1")
+    pl.add_argument("--power", type=float, default=None, help="history only")
+    pl.add_argument("--column", default=None, help="history only")
+    pl.add_argument("-o", "--output", required=True, help="figure to write (.png, .pdf or .svg)")
     pl.set_defaults(func=cmd_plot)
 
     sz = sub.add_parser("sizes", help="print the table of named model sizes")
@@ -162,26 +251,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+class _StderrLine(logging.Handler):
+    """``warning: <message>`` on the current sys.stderr, one line per warning."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write("warning: " + " ".join(record.getMessage().split("\n")) + "\n")
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    warnings.showwarning = _show_warning
     try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"llm-refine {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        name = getattr(e, "filename", None) or ""
-        print(f"llm-refine {args.command}: error: {name}: {e.strerror}; check the path", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"llm-refine {args.command}: interrupted", file=sys.stderr)
-        return 130
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    # Warnings become "warning: ..." lines on stderr for this call only: the filters and
+    # warnings.showwarning are restored, and the handler removed, when main returns.
+    log = logging.getLogger(_WARN_LOGGER)
+    handler = _StderrLine()
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.WARNING)
+    # refine/show/plot are short: their warnings are held until the command succeeds, so a failed
+    # command prints exactly one line, its error. Long commands (pipeline) warn as they go.
+    held: list[str] | None = [] if args.command in _HOLD_WARNINGS else None
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if held is None:
+            log.warning("%s", message)
+        else:
+            held.append(str(message))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                rc = int(args.func(args) or 0)
+                for msg in held or ():
+                    log.warning("%s", msg)
+                return rc
+            except UserError as e:
+                print(f"llm-refine {args.command}: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            except OSError as e:
+                name = getattr(e, "filename", None) or ""
+                print(f"llm-refine {args.command}: error: {name}: {_one_line(e.strerror or e)}; check the path", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"llm-refine {args.command}: interrupted", file=sys.stderr)
+                return 130
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, split_jsonl
 
 FORMAT = "llm-refine/gradnorms"
 VERSION = 1
@@ -62,17 +63,6 @@ def _record_line(record: Mapping[str, Any]) -> str:
     return json.dumps(dict(record), allow_nan=True) + "\n"
 
 
-def _split_lines(text: str) -> tuple[list[str], bool]:
-    """Lines of a JSONL file and whether the last one was torn (no trailing newline)."""
-    if not text:
-        return [], False
-    torn = not text.endswith("\n")
-    lines = text.split("\n")
-    if not torn:
-        lines = lines[:-1]
-    return lines, torn
-
-
 class HistoryWriter:
     """Append-only JSONL writer for per-step norm records.
 
@@ -97,7 +87,7 @@ class HistoryWriter:
             atomic_write_text(self.path, _header_line(meta))
             return
         text = self.path.read_text(encoding="utf-8")
-        lines, torn = _split_lines(text)
+        lines, torn = split_jsonl(text)
         if torn:
             warnings.warn(f"{self.path}: dropping a torn last line left by an interrupted write")
             lines = lines[:-1]
@@ -156,14 +146,36 @@ def write_history(path, records: Iterable[Mapping[str, Any]], meta: Mapping[str,
 
 def read_jsonl(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     """(meta, records) of a native history file. A torn final line is dropped with a warning."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines, torn = _split_lines(text)
+    meta, numbered = _read_jsonl_numbered(Path(path))
+    return meta, [obj for _, obj in numbered]
+
+
+def _decode_text(path: Path, data: bytes, kind: str) -> str:
+    """``data`` as UTF-8 text (a UTF-8 BOM is allowed); a one-line UserError for anything else."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: is UTF-16 text; a {kind} must be UTF-8 (re-save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a {kind} must be UTF-8 "
+            "(re-save it as UTF-8, e.g. `iconv -f latin1 -t UTF-8`)"
+        ) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _read_jsonl_numbered(path: Path) -> tuple[dict, list[tuple[int, dict]]]:
+    text = _decode_text(path, _read_bytes(path), "JSON-lines history")
+    lines, torn = split_jsonl(text)
     if torn:
         warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
         lines = lines[:-1]
     meta: dict = {}
-    records: list[dict] = []
+    records: list[tuple[int, dict]] = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -171,15 +183,94 @@ def read_jsonl(path: str | os.PathLike) -> tuple[dict, list[dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        except RecursionError:
+            raise UserError(f"{path}: line {i} is nested too deeply to be a record; fix or delete that line") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {i} is not a JSON object; each line must be {{\"step\": ..., \"l1\": ...}}")
         if "format" in obj and "step" not in obj:
-            meta = dict(obj.get("meta", {}))
+            m = obj.get("meta", {})
+            meta = dict(m) if isinstance(m, dict) else {}
             continue
         if "step" not in obj:
             raise UserError(f"{path}: line {i} has no \"step\" field; each record needs one")
-        records.append(obj)
+        records.append((i, obj))
     return meta, records
+
+
+# ---------------------------------------------------------------------------------------------
+# One numeric policy for every history format
+#
+# A step is a whole number with |step| < 2^53 (exact in float64, so every reader agrees); CSV
+# cells are parsed as numbers ("10", "10.0", "1e3"), JSON steps must be JSON numbers. A norm is a
+# number (CSV: any float literal, including nan/inf; JSON: a number, NaN/Infinity, or null for a
+# missing value); JSON strings, booleans, lists and objects are not numbers. Non-finite norms are
+# dropped and reported later by the refinement (`llm_refine.refine.prepare_norms`).
+
+MAX_STEP = 2**53
+
+
+def _step_problem(s: float) -> str | None:
+    if not math.isfinite(s) or s != math.floor(s):
+        return "is not a whole number; steps must be whole numbers (optimizer step indices)"
+    if abs(s) >= MAX_STEP:
+        return "is out of range; steps must be whole numbers below 2^53"
+    return None
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _json_step(v: Any, path: Path, line: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{path}: line {line}: \"step\" is {_json_kind(v)} ({json.dumps(v)[:40]}), not a number; write the step as a whole number")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    problem = _step_problem(f) if not isinstance(v, int) or abs(v) >= MAX_STEP else None
+    if problem:
+        raise UserError(f"{path}: line {line}: step {v!r} {problem}")
+    return int(v)
+
+
+def _json_value(v: Any, key: str, path: Path, line: int) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(
+            f"{path}: line {line}: {key!r} is {_json_kind(v)} ({json.dumps(v)[:40]}), not a number; write the norm as a plain number"
+        )
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
+def _jsonl_trace(path: Path, key: str) -> NormTrace:
+    meta, records = _read_jsonl_numbered(path)
+    steps: list[int] = []
+    vals: list[float] = []
+    skipped = 0
+    for line, r in records:
+        step = _json_step(r["step"], path, line)
+        if r.get("skipped"):
+            skipped += 1
+            continue
+        if key not in r:
+            keys = sorted(k for k in r if k != "step")
+            raise UserError(f"{path}: record for step {step} (line {line}) has no {key!r}; available: {keys}; use --norm or --column")
+        steps.append(step)
+        vals.append(_json_value(r[key], key, path, line))
+    return NormTrace(np.asarray(steps, np.int64), np.asarray(vals, np.float64), str(path), key, meta, skipped)
 
 
 def _to_float(s: str) -> float | None:
@@ -192,10 +283,19 @@ def _to_float(s: str) -> float | None:
         return None
 
 
-def _pick_column(header: list[str], column: str | None, path: Path) -> int:
+def _delimiter_hint(path: Path, first_line: str, delimiter: str) -> str:
+    for d, name in (("\t", "tabs"), (",", "commas"), (";", "semicolons"), ("|", "'|'")):
+        if d != delimiter and d in first_line:
+            if d in "\t,":
+                return f"; its rows look separated by {name}: name the file {'.tsv' if d == chr(9) else '.csv'}"
+            return f"; its rows look separated by {name}: llm-refine reads comma-separated .csv and tab-separated .tsv, convert it"
+    return "; write rows of step,value"
+
+
+def _pick_column(header: list[str], column: str | None, path: Path, hint: str = "") -> int:
     if column is None:
         if len(header) < 2:
-            raise UserError(f"{path}: needs at least 2 columns (step, value); found {len(header)}")
+            raise UserError(f"{path}: needs at least 2 columns (step, value); found {len(header)}{hint}")
         return 1
     for i, h in enumerate(header):
         if h == column:
@@ -209,19 +309,32 @@ def _pick_column(header: list[str], column: str | None, path: Path) -> int:
     )
 
 
+def csv_delimiter(path: str | os.PathLike) -> str:
+    """The delimiter a history file's suffix names: tab for .tsv, comma otherwise."""
+    return "\t" if Path(path).suffix.lower() == ".tsv" else ","
+
+
 def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(steps, values, column name) of a 2-column or W&B CSV (TSV for .tsv), pure Python."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    delimiter = csv_delimiter(path)
+    text = _decode_text(path, _read_bytes(path), "CSV history")
+    if "\x00" in text:
+        raise UserError(f"{path}: contains NUL bytes, so it is not a text CSV (UTF-16 without a BOM?); re-save it as UTF-8")
+    try:
+        rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable CSV ({e}); re-save it as plain comma-separated text") from None
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if not rows:
         raise UserError(f"{path}: the file is empty; expected rows of step,value")
+    hint = _delimiter_hint(path, delimiter.join(rows[0]), delimiter) if len(rows[0]) < 2 else ""
     has_header = any(_to_float(c) is None for c in rows[0])
     header = [c.strip() for c in rows[0]] if has_header else [f"col{i}" for i in range(len(rows[0]))]
     body = rows[1:] if has_header else rows
     if not has_header and column is not None:
         raise UserError(f"{path}: has no header row, so --column {column!r} cannot be matched; drop --column")
-    col = _pick_column(header, column, path)
+    col = _pick_column(header, column, path, hint)
     steps: list[float] = []
     vals: list[float] = []
     for lineno, r in enumerate(body, 2 if has_header else 1):
@@ -230,28 +343,43 @@ def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.nda
         s, v = _to_float(r[0]), _to_float(r[col])
         if s is None:
             raise UserError(f"{path}: row {lineno}: step {r[0]!r} is not a number; the first column must be the step")
+        problem = _step_problem(s)
+        if problem:
+            raise UserError(f"{path}: row {lineno}: step {r[0].strip()!r} {problem}")
         if v is None:
             if r[col].strip().strip('"') == "":
                 continue  # W&B leaves a cell empty where that run logged nothing at this step
             raise UserError(f"{path}: row {lineno}: value {r[col]!r} is not a number")
         steps.append(s)
         vals.append(v)
-    st = np.asarray(steps, dtype=np.float64)
-    if st.size and not np.all(st == np.round(st)):
-        raise UserError(f"{path}: steps in the first column must be whole numbers")
-    return st.astype(np.int64), np.asarray(vals, dtype=np.float64), header[col]
+    return np.asarray(steps, dtype=np.float64).astype(np.int64), np.asarray(vals, dtype=np.float64), header[col]
+
+
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def read_npy(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC:
+        raise UserError(f"{path}: not a .npy file (no NumPy header); save the norms with numpy.save, or name a text file .csv")
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises several types for a bad file
-        raise UserError(f"{path}: not a readable .npy array ({e}); save it with numpy.save") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable .npy array ({first}); save it with numpy.save") from None
+    if arr.dtype.kind not in "iuf":
+        raise UserError(f"{path}: holds {arr.dtype} data, not numbers; save the norms as a float array with numpy.save")
     if arr.ndim == 1:
         return np.arange(arr.size, dtype=np.int64), arr.astype(np.float64)
     if arr.ndim == 2 and arr.shape[1] == 2:
-        return arr[:, 0].astype(np.int64), arr[:, 1].astype(np.float64)
+        st = arr[:, 0].astype(np.float64)
+        bad = ~np.isfinite(st) | (st != np.floor(st)) | (np.abs(st) >= MAX_STEP)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise UserError(f"{path}: row {i}: step {arr[i, 0]!r} {_step_problem(float(st[i]))}")
+        return st.astype(np.int64), arr[:, 1].astype(np.float64)
     raise UserError(f"{path}: array of shape {arr.shape}; expected (T,) norms or (T, 2) step,value rows")
 
 
@@ -270,23 +398,11 @@ def load_trace(path: str | os.PathLike, *, norm: str = "l1", column: str | None 
             path = cand
         else:
             raise UserError(f"{path}: is a directory without gradnorms.jsonl; pass the history file itself")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a regular file; pass the history file itself")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        meta, records = read_jsonl(path)
-        key = column or norm
-        steps, vals = [], []
-        skipped = 0
-        for r in records:
-            if r.get("skipped"):
-                skipped += 1
-                continue
-            if key not in r:
-                keys = sorted(k for k in r if k != "step")
-                raise UserError(f"{path}: record for step {r['step']} has no {key!r}; available: {keys}; use --norm or --column")
-            v = r[key]
-            steps.append(int(r["step"]))
-            vals.append(float("nan") if v is None else float(v))
-        return NormTrace(np.asarray(steps, np.int64), np.asarray(vals, np.float64), str(path), key, meta, skipped)
+        return _jsonl_trace(path, column or norm)
     if suffix in (".csv", ".tsv", ".txt"):
         steps, vals, col = read_csv(path, column)
         return NormTrace(steps, vals, str(path), col)
@@ -295,4 +411,4 @@ def load_trace(path: str | os.PathLike, *, norm: str = "l1", column: str | None 
             raise UserError(f"{path}: .npy files have no named columns; drop --column")
         steps, vals = read_npy(path)
         return NormTrace(steps, vals, str(path), "value")
-    raise UserError(f"{path}: unknown history format {suffix!r}; use .jsonl, .csv or .npy")
+    raise UserError(f"{path}: unknown history format {suffix!r}; use .jsonl, .csv, .tsv or .npy")

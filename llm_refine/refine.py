@@ -25,6 +25,9 @@ from .errors import UserError
 from .history import NormTrace, load_trace
 
 MIN_POINTS = 5
+# The most steps gap filling may produce (one float64 per step, a few arrays of it): a step column
+# that jumps 0 -> 10^12 is a corrupted file, not a run, and must not try to allocate terabytes.
+MAX_STEPS = 100_000_000
 NORM_POWERS = {"l1": 1.0, "l2": 2.0}
 
 
@@ -95,11 +98,16 @@ def prepare_norms(steps, values, *, source: str = "norms") -> tuple[np.ndarray, 
     if np.any(values <= 0):
         i = int(np.argmax(values <= 0))
         raise UserError(
-            f"{source}: norm {values[i]!r} at step {steps[i]} is not positive; gradient norms must be > 0 "
+            f"{source}: norm {float(values[i])!r} at step {int(steps[i])} is not positive; gradient norms must be > 0 "
             "(was the history recorded after zero_grad?)"
         )
 
-    span = int(steps[-1] - steps[0] + 1)
+    span = int(steps[-1]) - int(steps[0]) + 1
+    if span > MAX_STEPS:
+        raise UserError(
+            f"{source}: the steps run from {int(steps[0])} to {int(steps[-1])} ({span:,} steps with {steps.size:,} logged); "
+            f"filling the gaps would exceed the limit of {MAX_STEPS:,} steps; check the step column for a corrupted value"
+        )
     if span != steps.size:
         full = np.arange(steps[0], steps[-1] + 1, dtype=np.int64)
         values = np.interp(full, steps, values)
@@ -138,13 +146,51 @@ def smooth_norms(norms, tau: float = 0.1) -> np.ndarray:
     return out[:T].copy()
 
 
-def schedule_from_weights(weights: np.ndarray) -> np.ndarray:
-    """η_t = w_t · Σ_{p>t} w_p, divided by its maximum; the last step gets 0."""
+def _scale_by_power_of_two(x: np.ndarray, ref: float) -> None:
+    """Divide ``x`` in place by the power of two nearest below ``ref`` (> 0): exact in floating
+    point (only the exponents change), so every later ratio is bit-for-bit what it would be
+    unscaled, while values near ``ref`` land in [1, 2) — far from overflow and underflow."""
+    if ref > 0 and math.isfinite(ref):
+        _, e = math.frexp(ref)
+        if e != 1:
+            np.ldexp(x, -(e - 1), out=x)
+
+
+_SAFE_EXP = 200  # weights within [2^-200, 2^200]: products and tail sums stay far from over/underflow
+
+
+def weights_from_norms(norms: np.ndarray, power: float, *, out: np.ndarray | None = None) -> np.ndarray:
+    """w = n^-power, scale-free: when the weights would leave [2^-200, 2^200] (norms like 1e308,
+    or 1e-300), the norms are first divided exactly by a power of two near their minimum, so the
+    weights lie in (0, 1]. The refined schedule is invariant to a common factor of the weights, so
+    this changes only the range; norms of ordinary size are used as they are (bit-for-bit)."""
+    n = np.array(norms, dtype=np.float64) if out is None else out
+    if out is not None and norms is not out:
+        np.copyto(n, norms)
+    if n.size:
+        lo, hi = float(n.min()), float(n.max())
+        limit = 2.0 ** (_SAFE_EXP / power) if power * 1024 > _SAFE_EXP else math.inf
+        if not (1.0 / limit <= lo and hi <= limit):
+            _scale_by_power_of_two(n, lo)
+    np.power(n, -power, out=n)
+    return n
+
+
+def schedule_from_weights(weights: np.ndarray, *, source: str = "norms") -> np.ndarray:
+    """η_t = w_t · Σ_{p>t} w_p, divided by its maximum; the last step gets 0.
+
+    The weights are first scaled (exactly, by a power of two) so the largest lies in [1, 2): the
+    tail sums cannot overflow and the result does not depend on the weights' magnitude.
+    """
     w = np.asarray(weights, dtype=np.float64)
     T = w.size
     out = np.empty(T, dtype=np.float64)
     if T == 0:
         return out
+    top = float(w.max())
+    if top > 0 and math.isfinite(top) and not (2.0**-_SAFE_EXP <= top <= 2.0**_SAFE_EXP):
+        w = w.copy()
+        _scale_by_power_of_two(w, top)
     # Σ_{p>t} w_p as a reversed cumulative sum: exact to rounding near the end, where the
     # alternative (total − cumsum) cancels catastrophically.
     tail = np.cumsum(w[::-1])[::-1]  # Σ_{p>=t}
@@ -152,7 +198,10 @@ def schedule_from_weights(weights: np.ndarray) -> np.ndarray:
     out[-1] = 0.0
     peak = out.max()
     if not peak > 0 or not math.isfinite(peak):
-        raise UserError("refinement produced no positive learning rate (all weights zero or infinite); check the norms")
+        raise UserError(
+            f"{source}: refinement produced no positive learning rate (the weights n^-power are all zero or infinite); "
+            "check the norms for extreme values"
+        )
     out /= peak
     return out
 
@@ -183,7 +232,7 @@ def refine_schedule(norms, *, norm: str = "l1", tau: float = 0.1, power: float |
     smoothed = smooth_norms(values, tau)
     del values
     # w = n^-p, in place to keep peak memory low on long runs.
-    np.power(smoothed, -p, out=smoothed)
+    weights_from_norms(smoothed, p, out=smoothed)
     return schedule_from_weights(smoothed)
 
 
@@ -307,10 +356,17 @@ def refine_trace(trace: NormTrace, *, norm: str = "l1", tau: float = 0.1, power:
     """Refine a loaded trace; returns (multipliers, info) with the hygiene report, smoothed norms,
     diagnostics and fit. Warns (RefinementWarning) when the refinement is degenerate."""
     p = _power_for(norm, power)
+    n_logged = int(np.isfinite(trace.values).sum())
+    if trace.skipped_steps and n_logged < MIN_POINTS:
+        raise UserError(
+            f"{trace.source}: {trace.skipped_steps} step(s) were skipped by the engine (fp16 overflow) and only {n_logged} "
+            f"have a usable norm; refinement needs at least {MIN_POINTS}: fix the overflow (e.g. a lower initial loss "
+            "scale, or bf16) and record the run again"
+        )
     steps, values, prep = prepare_norms(trace.steps, trace.values, source=trace.source)
     prep["skipped_steps"] = trace.skipped_steps
     smoothed = smooth_norms(values, tau)
-    m = schedule_from_weights(np.power(smoothed, -p))
+    m = schedule_from_weights(weights_from_norms(smoothed, p), source=trace.source)
     diag = describe_schedule(m, norms=smoothed)
     if diag["degenerate"]:
         warnings.warn(f"{trace.source}: {degenerate_message(diag)}", RefinementWarning, stacklevel=2)
@@ -337,10 +393,17 @@ def refine_file(
     column: str | None = None,
     plot: str | os.PathLike | None = None,
 ) -> dict:
-    """Read a history file, refine it, write the schedule artifact atomically; returns the artifact."""
-    from .artifact import make_schedule_artifact, write_schedule
-    from .fileio import sha256_file
+    """Read a history file, refine it, write the schedule artifact (and ``plot``) atomically;
+    returns the artifact.
 
+    The outputs are all-or-nothing: their paths are checked before the history is read (not a
+    regular file, the history itself, or each other: refused), and both files are renamed into
+    place together only after everything has been computed and encoded.
+    """
+    from .artifact import make_schedule_artifact, write_schedule
+    from .fileio import check_outputs, output_transaction, sha256_file
+
+    check_outputs({"-o": out, "--plot": plot}, {"history": history})
     trace = load_trace(history, norm=norm, column=column)
     m, info = refine_trace(trace, norm=norm, tau=tau, power=power)
     prov = {
@@ -358,9 +421,10 @@ def refine_file(
         "run_meta": trace.meta,
     }
     artifact = make_schedule_artifact(m, provenance=prov, diagnostics=info["diagnostics"], fit=info["fit"])
-    write_schedule(out, artifact)
-    if plot is not None:
-        from .plotting import plot_refinement
+    with output_transaction():
+        write_schedule(out, artifact)
+        if plot is not None:
+            from .plotting import plot_refinement
 
-        plot_refinement(info, m, plot, title=Path(trace.source).name)
+            plot_refinement(info, m, plot, title=Path(trace.source).name)
     return artifact

@@ -129,3 +129,105 @@ def test_degenerate_warning_printed(tmp_path):
     assert r.returncode == 0
     assert "degenerate refinement" in r.stderr and "over-fits" in r.stderr
     assert "WARNING" in r.stdout
+
+
+# --- issue #12: plot draws the file it is given; show prints the file's real shape -------------
+
+
+def _capture_plot(monkeypatch):
+    import llm_refine.plotting as plotting
+
+    seen = {}
+    real = plotting.plot_refinement
+
+    def spy(info, m, out, **kw):
+        seen.update(info=info, m=np.asarray(m), out=str(out))
+        return real(info, m, out, **kw)
+
+    monkeypatch.setattr(plotting, "plot_refinement", spy)
+    return seen
+
+
+def test_plot_of_a_schedule_draws_its_own_multipliers(tmp_path, history, monkeypatch, capsys):
+    out = tmp_path / "s.json"
+    assert main(["refine", str(history), "-o", str(out)]) == 0
+    art = json.loads(out.read_text())
+    edited = list(np.linspace(1.0, 0.0, len(art["multipliers"])))  # hand-edited to linear decay
+    art["multipliers"] = edited
+    out.write_text(json.dumps(art))
+    seen = _capture_plot(monkeypatch)
+    assert main(["plot", str(out), "-o", str(tmp_path / "p.pdf")]) == 0
+    np.testing.assert_array_equal(seen["m"], edited)
+    assert seen["out"] == str(tmp_path / "p.pdf") and (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert seen["info"]["diagnostics"]["peak_step"] == 0  # recomputed from the file, not the stored ones
+    assert seen["info"]["width"] == art["provenance"]["median_width"]
+
+
+def test_plot_of_a_schedule_refuses_a_changed_source_and_history_options(tmp_path, history, capsys):
+    out = tmp_path / "s.json"
+    assert main(["refine", str(history), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(out), "--tau", "0.3", "-o", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--tau" in err and "s.json" in err
+    with open(history, "a") as f:
+        f.write(json.dumps({"step": 400, "l1": 1.0}) + "\n")
+    assert main(["plot", str(out), "-o", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "has changed since the refinement" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_show_prints_the_real_shape_not_stored_diagnostics(tmp_path, history, capsys):
+    out = tmp_path / "s.json"
+    assert main(["refine", str(history), "-o", str(out)]) == 0
+    art = json.loads(out.read_text())
+    T = len(art["multipliers"])
+    art["multipliers"] = list((T - 1 - np.arange(T)) / (T - 1))
+    art["diagnostics"] = {"warmup_steps": 999, "peak_step": 123, "peak_fraction": 0.5, "above_half_fraction": 0.5,
+                          "final_anneal_steps": 1, "final_anneal_fraction": 0.1, "start_multiplier": 0.1, "degenerate": True}
+    art["fit"] = {"warmup_fraction": "nonsense"}
+    out.write_text(json.dumps(art))
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "peak at step 0 (0.0%)" in shown and "warm-up 0 steps" in shown and "WARNING" not in shown
+    assert "then (1-progress)^1;" in shown
+
+
+def test_warning_handling_is_scoped_to_main(tmp_path, capsys):
+    import logging
+    import warnings
+
+    before = warnings.showwarning
+    p = tmp_path / "d.csv"
+    p.write_text("".join(f"{i},{1.0 + i % 3}\n" for i in range(0, 100, 2)) + "100,1\n100,2\n")  # a duplicate -> warning
+    assert main(["refine", str(p), "-o", str(tmp_path / "o.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("duplicated step") == 1 and all(ln.startswith("warning: ") for ln in err.splitlines())
+    assert warnings.showwarning is before
+    assert logging.getLogger("llm_refine.cli.warnings").handlers == []
+
+
+def test_jsonl_and_csv_share_one_numeric_policy(tmp_path):
+    from llm_refine.history import load_trace
+
+    a = tmp_path / "a.csv"
+    a.write_text("0,1\n1.0,2\n2,3\n")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "l1": 1}, {"step": 1.0, "l1": 2.0}, {"step": 2, "l1": 3.0}]))
+    ta, tb = load_trace(a), load_trace(b)
+    np.testing.assert_array_equal(ta.steps, tb.steps)
+    np.testing.assert_array_equal(ta.values, tb.values)
+
+
+def test_library_modules_do_not_print():
+    import inspect
+
+    import llm_refine.artifact
+    import llm_refine.fileio
+    import llm_refine.history
+    import llm_refine.refine
+
+    for mod in (llm_refine.artifact, llm_refine.fileio, llm_refine.history, llm_refine.refine):
+        assert "print(" not in inspect.getsource(mod), mod.__name__

@@ -116,3 +116,37 @@ def test_missing_key_and_file(tmp_path):
 def test_directory_with_gradnorms(tmp_path):
     write_history(tmp_path / "gradnorms.jsonl", recs(range(3)))
     assert load_trace(tmp_path).steps.size == 3
+
+
+def test_tsv_is_tab_separated_and_a_utf8_bom_is_fine(tmp_path):
+    t = tmp_path / "h.tsv"
+    t.write_text("step\tgnorm\n0\t1.5\n1\t2.5\n")
+    tr = load_trace(t)
+    assert list(tr.steps) == [0, 1] and list(tr.values) == [1.5, 2.5] and tr.column == "gnorm"
+    b = tmp_path / "bom.csv"
+    b.write_bytes("\ufeffstep,gnorm\n0,1.5\n1,2.5\n".encode("utf-8"))
+    assert load_trace(b).column == "gnorm"
+
+
+def test_jsonl_null_norm_is_a_missing_value(tmp_path):
+    p = tmp_path / "g.jsonl"
+    write_history(p, [{"step": 0, "l1": 1.0}, {"step": 1, "l1": None}, {"step": 2, "l1": 3.0}])
+    v = load_trace(p).values
+    assert v[0] == 1.0 and np.isnan(v[1]) and v[2] == 3.0
+
+
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        ({"step": 10.5, "l1": 1.0}, "whole number"),
+        ({"step": 1, "l1": "12.0"}, "a string"),
+        ({"step": 1, "l1": True}, "a boolean"),
+        ({"step": 1, "l1": [1.0]}, "a list"),
+        ({"step": 2**63, "l1": 1.0}, "below 2\\^53"),
+    ],
+)
+def test_jsonl_numeric_policy(tmp_path, record, match):
+    p = tmp_path / "g.jsonl"
+    write_history(p, [{"step": 0, "l1": 1.0}, record])
+    with pytest.raises(UserError, match=match):
+        load_trace(p)

@@ -248,3 +248,52 @@ def test_vit_trace_with_gaps(traces_dir):
     m, info = refine_trace(load_trace(traces_dir / "vit_l1.csv"), norm="l1")
     assert m.size == 45140 and info["prep"]["filled"] == 45140 - 35352
     assert m.max() == 1.0 and m[-1] == 0.0
+
+
+# --- issue #12: scale invariance in floating point; messages --------------------------------
+
+
+@pytest.mark.parametrize("scale,norm", [(1e308, "l1"), (1e308, "l2"), (1e-300, "l1"), (1e-300, "l2"), (1e100, "l2"), (1e-310, "l1"), (5e-324, "l2")])
+def test_extreme_constant_norms_still_give_linear_decay(scale, norm):
+    T = 200
+    m = refine_schedule(np.full(T, scale), norm=norm)
+    np.testing.assert_allclose(m, (T - 1 - np.arange(T)) / (T - 1), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(norms=positive_norms, exp=st.sampled_from([-1000, -600, -300, 300, 600, 1000]), norm=st.sampled_from(["l1", "l2"]))
+def test_invariant_to_power_of_two_scaling_over_the_whole_range(norms, exp, norm):
+    scaled = np.ldexp(norms, exp)
+    if not np.all(np.isfinite(scaled)) or np.any(scaled == 0) or np.any(np.abs(np.ldexp(scaled, -exp) - norms) > 0):
+        return  # out of float64's range (or subnormal rounding): not the same input
+    np.testing.assert_allclose(refine_schedule(scaled, norm=norm), refine_schedule(norms, norm=norm), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(norms=arrays(np.float64, st.integers(5, 300), elements=st.floats(1e-6, 1e6)), norm=st.sampled_from(["l1", "l2"]), tau=st.sampled_from([0.0, 0.1]))
+def test_ordinary_norms_are_bit_for_bit_the_plain_formula(norms, norm, tau):
+    p = 1.0 if norm == "l1" else 2.0
+    plain = schedule_from_weights(np.power(smooth_norms(norms, tau), -p))
+    np.testing.assert_array_equal(refine_schedule(norms, norm=norm, tau=tau), plain)
+
+
+def test_messages_name_the_source_and_plain_numbers():
+    with pytest.raises(UserError, match=r"run\.csv: refinement produced no positive learning rate"):
+        schedule_from_weights(np.zeros(6), source="run.csv")
+    with pytest.raises(UserError) as e:
+        prepare_norms(np.arange(6), np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0]), source="h.csv")
+    assert "norm 0.0 at step 2" in str(e.value) and "np.float64" not in str(e.value)
+
+
+def test_step_jump_is_capped_with_a_clear_message():
+    with pytest.raises(UserError, match=r"0 to 1000000000000 .* limit of 100,000,000 steps"):
+        prepare_norms(np.array([0, 1, 2, 3, 10**12]), np.ones(5), source="h.csv")
+
+
+def test_all_steps_skipped_says_so():
+    from llm_refine.history import NormTrace
+
+    tr = NormTrace(np.zeros(0, np.int64), np.zeros(0), "g.jsonl", "l1", {}, skipped_steps=40)
+    with pytest.raises(UserError, match="40 step\\(s\\) were skipped by the engine") as e:
+        refine_trace(tr)
+    assert "record a longer run" not in str(e.value)

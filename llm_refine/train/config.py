@@ -81,7 +81,10 @@ class TrainConfig(Config):
     micro_batch_size: int | None = option(None, doc="per process; null: batch_size / processes (no accumulation)", ge=1)
     eval_batch_size: int = option(16, doc="sequences per evaluation batch", ge=1)
     learning_rate: float = option(3e-3, doc="the peak LR; the schedule multiplies it", gt=0.0)
-    weight_decay: float = option(0.1, doc="AdamW's decoupled weight decay", ge=0.0)
+    optimizer: Literal["adamw", "adamc"] = option(
+        "adamw", doc="adamw, or adamc: AdamW with weight decay scaled by lr_t/lr_max (Defazio 2025)"
+    )
+    weight_decay: float = option(0.1, doc="decoupled weight decay (adamc: at the peak LR)", ge=0.0)
     adam_beta1: float = option(0.9, doc="AdamW beta1", ge=0.0, lt=1.0)
     adam_beta2: float = option(0.95, doc="AdamW beta2", ge=0.0, lt=1.0)
     adam_epsilon: float = option(1e-8, doc="AdamW epsilon", gt=0.0)
@@ -102,6 +105,8 @@ class TrainConfig(Config):
     )
 
     def validate(self) -> None:
+        if self.optimizer == "adamc" and self.deepspeed is not None:
+            raise ConfigError(("optimizer",), "adamc is not available with DeepSpeed (its config builds the optimizer); use adamw")
         if not self.trainer_args:
             return
         import dataclasses as dc

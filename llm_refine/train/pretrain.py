@@ -272,6 +272,7 @@ def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: b
     probe = _BatchProbe()
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+        optimizer_cls_and_kwargs=_optimizer(t, args),
         callbacks=[_gradnorm_callback(), _make_callbacks(out, probe, is_main, t.print_every, resumed), *callbacks],
     )
     trainer.batch_probe = probe
@@ -299,6 +300,18 @@ def _resumed_state(out: Path, ckpt: Path | None, resume_step: int) -> dict:
     if evals and evals[-1].get("step") == resume_step:
         state["last_eval_step"] = resume_step
     return state
+
+
+def _optimizer(train: TrainConfig, args):
+    """``(class, kwargs)`` for the Trainer, or None for its own AdamW (``optim="adamw_torch"``)."""
+    if train.optimizer == "adamw":
+        return None
+    from transformers import Trainer
+
+    from .optim import AdamC
+
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)  # lr, betas, eps as AdamW gets them
+    return AdamC, kwargs
 
 
 def _summary(cfg: PretrainConfig, trainer, out: Path, val_loss: float, times: dict, resume_step: int, data, n_params: int) -> dict:

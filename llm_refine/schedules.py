@@ -358,6 +358,31 @@ def lambda_lr(optimizer, config: ScheduleConfig | dict | str, total_steps: int, 
     return LambdaLR(optimizer, lr_lambda, last_epoch=last_epoch)
 
 
+def resolve_schedule(config: ScheduleConfig | Mapping | str) -> ScheduleConfig:
+    """A schedule config from a config, a mapping, a schedule name, or a schedule file's path (a
+    string ending in .json, or naming a file, is a refined schedule); a refined schedule's file is
+    read and validated now, so a bad file fails before training starts."""
+    if isinstance(config, str) and (config.endswith(".json") or Path(config).is_file()):
+        config = RefinedSchedule(file=config)
+    config = ScheduleConfig.from_dict(config)
+    return config.loaded() if isinstance(config, RefinedSchedule) else config
+
+
+def get_refined_schedule_with_warmup(
+    optimizer, num_warmup_steps: int | None, num_training_steps: int,
+    schedule: ScheduleConfig | Mapping | str = "linear", last_epoch: int = -1,
+):
+    """The transformers-style factory (like ``get_linear_schedule_with_warmup``): a ``LambdaLR``
+    for ``schedule`` — typically ``"refined.json"`` from ``llm-refine refine`` — over
+    ``num_training_steps``. ``num_warmup_steps`` (None: the schedule's own) sets the linear warm-up;
+    for a refined schedule it multiplies the first steps on top of the refined shape, which usually
+    has a warm-up of its own already (pass 0 or None to use it as computed)."""
+    config = resolve_schedule(schedule)
+    if num_warmup_steps is not None:
+        config = config.replace(warmup_steps=int(num_warmup_steps), warmup_ratio=0.0)
+    return lambda_lr(optimizer, config, num_training_steps, last_epoch=last_epoch)
+
+
 def use_schedule(trainer, config: ScheduleConfig | dict | str):
     """Make ``trainer`` (a ``transformers.Trainer``) use ``config``'s schedule. Returns the trainer.
 
@@ -367,11 +392,7 @@ def use_schedule(trainer, config: ScheduleConfig | dict | str):
     config). The scheduler is built when the Trainer builds its own, with the run's real number of
     optimizer steps, and its state is saved and restored with checkpoints like any scheduler.
     """
-    if isinstance(config, str) and (config.endswith(".json") or Path(config).is_file()):
-        config = RefinedSchedule(file=config)
-    config = ScheduleConfig.from_dict(config)
-    if isinstance(config, RefinedSchedule):
-        config = config.loaded()  # read the file now, so a bad file fails before training starts
+    config = resolve_schedule(config)
 
     def create_scheduler(num_training_steps: int, optimizer=None):
         if trainer.lr_scheduler is None:

@@ -199,3 +199,24 @@ def test_schedule_config_round_trips_and_builds_the_same_function():
     c = ScheduleConfig.from_dict({"name": "polynomial", "power": 2, "min_ratio": 0.1, "warmup_steps": 2})
     assert make_schedule(c, 20)(10, 20) == polynomial(10, 20, warmup=2, power=2.0, min_ratio=0.1)
     assert ScheduleConfig.from_dict("cosine") == ScheduleConfig.create("cosine")
+
+
+def test_transformers_style_factory(tmp_path):
+    from llm_refine.schedules import get_refined_schedule_with_warmup
+
+    p = _write_refined(tmp_path, [0.2, 1.0, 0.5, 0.0])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sch = get_refined_schedule_with_warmup(opt, None, 4, str(p))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs == pytest.approx([0.02, 0.1, 0.05, 0.0])
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch2 = get_refined_schedule_with_warmup(opt2, 3, 10, "cosine")
+    assert opt2.param_groups[0]["lr"] == pytest.approx(cosine(0, 10, warmup=3))
+    with pytest.raises(UserError, match="no such schedule file"):
+        get_refined_schedule_with_warmup(opt2, 0, 10, str(tmp_path / "missing.json"))
+    del sch2

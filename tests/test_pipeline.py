@@ -16,14 +16,9 @@ import pytest
 from llm_refine.errors import UserError
 from llm_refine.fileio import sha256_file
 from llm_refine.history import write_history
-from llm_refine.pipeline.runner import (
-    Pipeline,
-    add_pipeline_arguments,
-    emit_slurm,
-    main_pipeline,
-    plan,
-)
+from llm_refine.pipeline import Pipeline, add_pipeline_arguments, main_pipeline, plan
 from llm_refine.pipeline.recipe import parse_recipe
+from llm_refine.pipeline.slurm import emit_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +39,14 @@ def fake_recipe(**kw) -> dict:
 
 def overrides_dict(overrides: list[str]) -> dict:
     return dict(o.split("=", 1) for o in overrides)
+
+
+def save_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint as the Trainer leaves it: only one with trainer_state.json counts (train.rundir)."""
+    ckpt = run_dir / f"checkpoint-{step}"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return ckpt
 
 
 class FakeLauncher:
@@ -78,11 +81,11 @@ class FakeLauncher:
         rng = np.random.default_rng(int(ov["train.seed"]))
         norms = 3 + np.exp(-np.arange(steps) / 10) + rng.uniform(0, 0.1, steps)
         write_history(rd / "gradnorms.jsonl", [{"step": i, "l1": float(n), "l2": float(n) / 10} for i, n in enumerate(norms)])
-        (rd / "checkpoint-20").mkdir(exist_ok=True)
+        save_checkpoint(rd, 20)
         if stage.id in self.interrupt:
             self.interrupt.discard(stage.id)
             raise KeyboardInterrupt
-        (rd / f"checkpoint-{steps}").mkdir(exist_ok=True)
+        save_checkpoint(rd, steps)
         loss = 4.0 + 0.1 * len(stage.schedule or "") - (0.5 if stage.size == "cpu-2m" else 0)
         (rd / "eval_log.jsonl").write_text(json.dumps({"step": steps, "val_loss": loss}) + "\n")
         (rd / "summary.json").write_text(json.dumps({"final_val_loss": loss, "max_steps": steps, "size": stage.size,
@@ -90,7 +93,7 @@ class FakeLauncher:
 
 
 def fake_eval(run_dir: Path) -> dict:
-    from llm_refine.pipeline.runner import EVAL_FILE
+    from llm_refine.train.rundir import EVAL_FILE
 
     s = json.loads((run_dir / "summary.json").read_text())
     res = {"val_loss": s["final_val_loss"] + 0.001, "perplexity": math.exp(s["final_val_loss"]), "tokens": 10,
@@ -197,6 +200,20 @@ def test_interrupt_mid_stage_then_resume(tmp_path):
     assert launcher.resumed_from["cpu-0.5m/refined"] == "checkpoint-20"
     assert st["cpu-0.5m/cosine"] == ["running", "done"]
     assert sha256_file(tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json") == sha_before
+
+
+def test_checkpoint_without_trainer_state_is_not_resumed(tmp_path):
+    """One rule with pretraining (train.rundir.latest_checkpoint): a checkpoint-N the Trainer would
+    ignore (no trainer_state.json, e.g. killed mid-save) is no reason to say "resumed"."""
+    pipe, lines = make_pipeline(tmp_path, sizes=["cpu-0.5m"])
+    stage = pipe.by_id["cpu-0.5m/linear"]
+    stage.write_marker({"launched": "earlier"})
+    (stage.run_dir / "checkpoint-20").mkdir()  # a half-saved checkpoint
+    assert pipe.current_state(stage) == "running"
+    save_checkpoint(stage.run_dir, 10)
+    assert pipe.current_state(stage) == "resumed"
+    assert pipe.run() == 0
+    assert states(lines)["cpu-0.5m/linear"] == ["resumed", "done"]
 
 
 def test_failed_stage_blocks_dependents_only(tmp_path):
@@ -316,7 +333,7 @@ def test_main_pipeline_dry_run_and_emit(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(fake_recipe()))
-    monkeypatch.setattr("llm_refine.pipeline.recipe._check_pretrain", lambda recipe, where: None)
+    monkeypatch.setattr("llm_refine.pipeline.recipe.check_runs", lambda recipe: None)
     parser = add_pipeline_arguments(argparse.ArgumentParser())
     assert main_pipeline(parser.parse_args(["r.yaml", "--out", "o", "--dry-run"])) == 0
     out = capsys.readouterr().out
@@ -387,7 +404,7 @@ def test_lr_sweep_and_seeds_through_the_pipeline(tmp_path):
 
 
 def test_a_second_pipeline_on_the_same_out_is_refused(tmp_path):
-    from llm_refine.pipeline.runner import _OutLock
+    from llm_refine.pipeline.state import OutLock as _OutLock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -482,7 +499,7 @@ def test_jobs_run_trainings_in_parallel_in_dependency_order(tmp_path):
 
 
 def test_python_launcher_command(tmp_path):
-    from llm_refine.pipeline.runner import PythonLauncher, make_launcher
+    from llm_refine.pipeline.launchers import PythonLauncher, make_launcher
 
     recipe = parse_recipe(fake_recipe(), check_pretrain=False)
     st = next(s for s in plan(recipe, tmp_path) if s.id == "cpu-2m/cosine")
@@ -495,7 +512,7 @@ def test_python_launcher_command(tmp_path):
 
 
 def test_jobs_refused_with_multi_process_accelerate_config(tmp_path, monkeypatch):
-    from llm_refine.pipeline.runner import AccelerateLauncher, make_launcher
+    from llm_refine.pipeline.launchers import AccelerateLauncher, make_launcher
 
     monkeypatch.chdir(REPO)
     recipe = parse_recipe(fake_recipe(), check_pretrain=False)
@@ -520,7 +537,7 @@ def test_jobs_refused_with_multi_process_accelerate_config(tmp_path, monkeypatch
 def test_child_run_prefixes_output_and_reports_failure(capfd):
     import sys as _sys
 
-    from llm_refine.pipeline.runner import ChildRun
+    from llm_refine.pipeline.launchers import ChildRun
 
     run = ChildRun([_sys.executable, "-c", "print('a'); print(); print('b\\rc', flush=True)"], "[s/x]")
     assert run.wait() == 0

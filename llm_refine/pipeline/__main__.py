@@ -1,5 +1,6 @@
+"""``python -m llm_refine.pipeline RECIPE ...`` = ``llm-refine pipeline RECIPE ...``."""
 import sys
 
-from .runner import main
+from .cli import main
 
 sys.exit(main())

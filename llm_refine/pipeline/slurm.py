@@ -1,0 +1,133 @@
+"""``llm-refine pipeline --emit slurm``: one sbatch script per unfinished stage, chained with
+``--dependency=afterok`` in ``<out>/slurm/submit.sh``.
+
+A training stage's job runs its entry point with the arguments of `plan.train_args` (one
+``accelerate launch`` per node through ``srun`` for multi-node runs); every other stage's job runs
+``llm-refine pipeline RECIPE --out OUT --stage ID`` on one node. Resources per job come from the
+stage (`PipelineStage.slurm_resources`).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..train.rundir import RECIPE_COPY
+from .plan import TrainArgs
+from .recipe import Recipe
+from .runner import Pipeline
+from .stages import PipelineStage, now
+
+
+def _slug(stage_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stage_id).strip("-")
+
+
+def _sbatch_header(recipe: Recipe, job: str, log_dir: Path, *, nodes: int, gpus: int) -> list[str]:
+    s = recipe.slurm
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+    if s.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={s.cpus_per_task}")
+    if s.time:
+        lines.append(f"#SBATCH --time={s.time}")
+    if s.partition:
+        lines.append(f"#SBATCH --partition={s.partition}")
+    if s.account:
+        lines.append(f"#SBATCH --account={s.account}")
+    lines += [f"#SBATCH {x}" for x in s.extra]
+    lines.append(f"#SBATCH --output={log_dir}/%x-%j.out")
+    return lines
+
+
+def _train_lines(recipe: Recipe, args: TrainArgs, use_accel: bool, cfg: str | None) -> list[str]:
+    """The body of a training job: the training script with the stage's launch arguments."""
+    s = recipe.slurm
+    sets = "--set " + " ".join(shlex.quote(o) for o in args.overrides)
+    tail = (f"{shlex.quote(recipe.launch.script)} {shlex.quote(str(args.config))} "
+            f"--output_dir {shlex.quote(str(args.output_dir))} {sets}")
+    if not use_accel:
+        return [f"python {tail}"]
+    inner = "accelerate launch"
+    if cfg:
+        inner += f" --config_file {shlex.quote(str(Path(cfg).resolve()))}"
+    inner += ' --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID"'
+    inner += ' --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"'
+    if s.gpus_per_node:
+        inner += f' --num_processes "$((SLURM_NNODES * {int(s.gpus_per_node)}))"'
+    inner += " " + " ".join(shlex.quote(a) for a in recipe.launch.extra_args) if recipe.launch.extra_args else ""
+    inner += " " + tail
+    return [
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT={int(s.port)}",
+        # One accelerate launcher per node; the inner shell expands SLURM_NODEID per node.
+        f"srun --ntasks-per-node=1 bash -c {shlex.quote(inner)}",
+    ]
+
+
+def _job_script(pipeline: Pipeline, stage: PipelineStage, job: str, log_dir: Path, *, use_accel: bool,
+                cfg: str | None, recipe_path: str) -> str:
+    recipe = pipeline.recipe
+    s = recipe.slurm
+    nodes, gpus = stage.slurm_resources(s.nodes, s.gpus_per_node)
+    lines = _sbatch_header(recipe, job, log_dir, nodes=nodes, gpus=gpus)
+    lines += ["", "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd().resolve()))}", *s.setup]
+    args = stage.launch_args(pipeline.base_config_path)
+    if args is not None:
+        # The marker lets a later in-process `llm-refine pipeline` on this --out recognise the run.
+        stage.write_marker({"emitted": now()})
+        lines += _train_lines(recipe, args, use_accel, cfg)
+    else:
+        lines.append(
+            f"llm-refine pipeline {shlex.quote(recipe_path)} --out {shlex.quote(str(pipeline.out))} --stage {shlex.quote(stage.id)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def emit_slurm(
+    pipeline: Pipeline, *, launcher: str | None = None, launch_config: str | None = None, recipe_arg: str | None = None
+) -> Path:
+    """Write ``<out>/slurm/NN-<stage>.sbatch`` for every stage not finished yet, plus ``submit.sh``
+    that submits them in order with ``--dependency=afterok:`` on each stage's dependencies."""
+    recipe = pipeline.recipe
+    out = pipeline.out
+    pipeline.write_inputs()
+    sdir = out / "slurm"
+    log_dir = sdir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    use_accel = (launcher or recipe.launch.launcher) == "accelerate"
+    cfg = launch_config or recipe.launch.config
+    recipe_path = str(Path(recipe_arg or recipe.path or out / RECIPE_COPY).resolve())
+    if recipe.slurm.nodes > 1 and not use_accel:
+        raise UserError("slurm.nodes > 1 needs launch.launcher: accelerate (and a multi-node launch/ config)")
+    submit = ["#!/bin/bash", "# Submits every stage with its dependencies. Generated by `llm-refine pipeline --emit slurm`.",
+              "set -euo pipefail", 'cd "$(dirname "$0")"', ""]
+    var_of: dict[str, str] = {}
+    n = 0
+    for stage in pipeline.stages:
+        if not stage.needs_job():
+            continue
+        n += 1
+        name = f"{n:02d}-{_slug(stage.id)}.sbatch"
+        job = f"llm-refine-{_slug(recipe.name)}-{_slug(stage.id)}"[:120]
+        path = sdir / name
+        atomic_write_text(path, _job_script(pipeline, stage, job, log_dir, use_accel=use_accel, cfg=cfg,
+                                            recipe_path=recipe_path))
+        path.chmod(0o755)
+        var = f"job{n}"
+        deps = [var_of[d] for d in stage.deps if d in var_of]
+        dep = f"--dependency=afterok:{':'.join('$' + v for v in deps)} " if deps else ""
+        submit.append(f"{var}=$(sbatch --parsable {dep}{name})")
+        submit.append(f'echo "{stage.id}: job ${var}"')
+        var_of[stage.id] = var
+    path = sdir / "submit.sh"
+    atomic_write_text(path, "\n".join(submit) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+__all__ = ["emit_slurm"]

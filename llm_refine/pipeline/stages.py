@@ -1,0 +1,335 @@
+"""One class per stage kind: what it is (its fields), whether it is done (`state`), how it runs
+(`execute`), what its line says (`detail`), and how it asks for a cluster job.
+
+A new stage kind is one subclass of `PipelineStage` with a ``kind`` (it registers itself with
+`plan.Stage`), created in `plan.plan`. The runner and the SLURM emitter only call the methods below.
+
+The state of a stage is read from what it wrote: a training run's ``summary.json`` and its
+``pipeline_stage.json`` marker (written before launch: the spec hash, and the refined schedule's
+sha256), a refined schedule's provenance, an evaluation's ``summary_sha256``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+from ..errors import UserError
+from ..fileio import atomic_write_json, read_json, sha256_file
+from ..train.rundir import EVAL_FILE, GRADNORMS, REFINED_FILE, STAGE_MARKER, SUMMARY, final_checkpoint, latest_checkpoint
+from .plan import Stage, TrainArgs, train_args
+from .recipe import REFINED, Recipe
+
+logger = logging.getLogger(__name__)
+
+# Stage states, as printed and stored.
+SKIPPED, RESUMED, RUNNING, DONE, FAILED, BLOCKED, INTERRUPTED, EMITTED = (
+    "skipped", "resumed", "running", "done", "failed", "blocked", "interrupted", "emitted",
+)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StageContext(Protocol):
+    """What a stage needs from the pipeline that runs it (`runner.Pipeline` is one)."""
+
+    recipe: Recipe
+    out: Path
+    launcher: Any  # a `launchers.Launcher`
+    base_config_path: Path
+    refine_fn: Callable[..., dict]
+    evaluate_fn: Callable[[Path], dict]
+
+
+@dataclass(kw_only=True)
+class PipelineStage(Stage):
+    """The behaviour every stage kind has; the defaults fit a short stage run in this process."""
+
+    parallel: ClassVar[bool] = False  # may run as a background process beside others (--jobs N)
+    blocked_by_failures: ClassVar[bool] = True  # a failed dependency blocks it
+
+    def state(self) -> str:
+        """SKIPPED, RESUMED or RUNNING, from what is on disk. A UserError for a conflict."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse (UserError) before anything runs when the disk conflicts with the recipe."""
+
+    def execute(self, ctx: StageContext) -> str:
+        """Run the stage here; return its detail for the ``done`` line."""
+        raise NotImplementedError
+
+    def detail(self) -> str:
+        """The text after ``skipped`` / ``done`` on the stage's line."""
+        return ""
+
+    # -- parallel kinds only: start in the background, then settle when the process ended
+
+    def start(self, ctx: StageContext, prefix: str | None):
+        raise NotImplementedError(f"{self.kind} stages run in the pipeline's process")
+
+    def finish(self) -> str:
+        return self.detail()
+
+    # -- SLURM
+
+    def launch_args(self, base_config_path: Path) -> TrainArgs | None:
+        """A training entry point's arguments, or None: the stage runs as ``llm-refine pipeline --stage ID``."""
+        return None
+
+    def needs_job(self) -> bool:
+        """Whether `--emit slurm` writes a job for it (finished trainings get none)."""
+        return True
+
+    def slurm_resources(self, nodes: int, gpus_per_node: int) -> tuple[int, int]:
+        """(nodes, GPUs per node) of its job, given the recipe's; default one node, no GPU."""
+        return 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+
+@dataclass(kw_only=True)
+class TrainStage(PipelineStage):
+    kind: ClassVar[str] = "train"
+    parallel: ClassVar[bool] = True
+
+    schedule: str | None = None  # schedule label
+    schedule_name: str | None = None
+    seed: int | None = None
+    lr_multiplier: float | None = None
+    overrides: list[str] = field(default_factory=list)  # dotted key=value (built by plan.py only)
+
+    def launch_args(self, base_config_path: Path) -> TrainArgs:
+        return train_args(self, base_config_path)
+
+    # -- the marker: what the pipeline launched in the run dir
+
+    def marker(self, extra: dict | None = None) -> dict:
+        return {
+            "stage": self.id, "size": self.size, "schedule": self.schedule, "schedule_name": self.schedule_name,
+            "seed": self.seed, "lr_multiplier": self.lr_multiplier, "spec_hash": self.spec_hash,
+            "overrides": self.overrides, **(extra or {}),
+        }
+
+    def write_marker(self, extra: dict | None = None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / STAGE_MARKER, self.marker(extra))
+
+    @property
+    def refined_file(self) -> Path | None:
+        return self.run_dir.parent / REFINED_FILE if self.schedule_name == REFINED else None
+
+    # -- state
+
+    def state(self) -> str:
+        """SKIPPED (finished, same config), RESUMED (a checkpoint the Trainer resumes from) or
+        RUNNING (fresh start). A run dir made with a different config is never reused or
+        overwritten: that is a UserError."""
+        rd = self.run_dir
+        marker = read_json(rd / STAGE_MARKER)
+        has_summary = (rd / SUMMARY).exists()
+        if marker is not None and marker.get("spec_hash") != self.spec_hash:
+            raise UserError(
+                f"{rd}: was run with a different config than the recipe now gives stage {self.id}; "
+                f"delete that directory or pass a new --out"
+            )
+        if marker is None and (has_summary or latest_checkpoint(rd) is not None):
+            raise UserError(f"{rd}: holds a run the pipeline did not start; delete it or pass a new --out")
+        f = self.refined_file
+        if f is not None and marker is not None and marker.get("schedule_sha256"):
+            if f.exists() and sha256_file(f) != marker["schedule_sha256"]:
+                raise UserError(f"{rd}: was trained with an older {f.name}; delete the run dir to rerun it with the new one")
+        if has_summary:
+            return SKIPPED
+        if latest_checkpoint(rd) is not None:
+            return RESUMED
+        return RUNNING
+
+    def check(self) -> None:
+        self.state()
+
+    def needs_job(self) -> bool:
+        return self.state() != SKIPPED
+
+    def slurm_resources(self, nodes: int, gpus_per_node: int) -> tuple[int, int]:
+        return nodes, gpus_per_node
+
+    def detail(self) -> str:
+        v = (read_json(self.run_dir / SUMMARY) or {}).get("final_val_loss")
+        return f"val_loss {v:.4f}" if isinstance(v, (int, float)) else ""
+
+    # -- running
+
+    def _prepare(self, ctx: StageContext) -> None:
+        """Write the marker (what is launched, and the refined schedule's hash) first."""
+        if ctx.launcher is None:
+            raise UserError("no launcher configured")
+        f = self.refined_file
+        extra = {"schedule_sha256": sha256_file(f)} if f is not None and f.exists() else {}
+        self.write_marker({**extra, "launched": now()})
+
+    def execute(self, ctx: StageContext) -> str:
+        self._prepare(ctx)
+        ctx.launcher.train(self, ctx.base_config_path, ctx.recipe)
+        return self.finish()
+
+    def start(self, ctx: StageContext, prefix: str | None):
+        self._prepare(ctx)
+        return ctx.launcher.start(self, ctx.base_config_path, ctx.recipe, prefix=prefix)
+
+    def finish(self) -> str:
+        if not (self.run_dir / SUMMARY).exists():
+            raise RuntimeError(f"{self.run_dir}: training returned without writing {SUMMARY}")
+        return self.detail()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement
+
+
+def refine_baseline(history: Path, out_file: Path, *, norm: str, tau: float) -> dict:
+    """Refine ``history`` into ``out_file`` (and a PNG beside it) with `llm_refine.refine.refine_file`."""
+    import warnings
+
+    from ..refine import refine_file
+
+    with warnings.catch_warnings():
+        # A degenerate refinement is reported by the stage line and the report, not as a warning.
+        warnings.simplefilter("ignore")
+        return refine_file(history, out_file, norm=norm, tau=tau, plot=out_file.with_suffix(".png"))
+
+
+def refine_detail(art: dict) -> str:
+    diag = art.get("diagnostics") or {}
+    bits = []
+    for key in ("warmup_steps", "peak_step", "above_half_fraction", "final_anneal_steps"):
+        v = diag.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bits.append(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}")
+    if diag.get("degenerate"):
+        bits.insert(0, f"DEGENERATE ({diag.get('degenerate_reason') or 'see diagnostics'})")
+    return "  ".join(bits)
+
+
+@dataclass(kw_only=True)
+class RefineStage(PipelineStage):
+    kind: ClassVar[str] = "refine"
+
+    baseline_dir: Path  # the run whose history is refined
+
+    @property
+    def output(self) -> Path:
+        return self.run_dir / REFINED_FILE
+
+    def state(self) -> str:
+        """SKIPPED when the schedule's provenance names the same norm, tau and the baseline
+        history's current sha256; else RUNNING."""
+        art = read_json(self.output)
+        if art is None:
+            return RUNNING
+        prov = art.get("provenance", {})
+        hist = self.baseline_dir / GRADNORMS
+        same = (
+            prov.get("norm") == self.spec["norm"]
+            and prov.get("tau") is not None
+            and math.isclose(float(prov["tau"]), float(self.spec["tau"]))
+            and hist.exists()
+            and prov.get("source_sha256") == sha256_file(hist)
+        )
+        return SKIPPED if same else RUNNING
+
+    def detail(self) -> str:
+        return refine_detail(read_json(self.output) or {})
+
+    def execute(self, ctx: StageContext) -> str:
+        hist = self.baseline_dir / GRADNORMS
+        if not hist.exists():
+            raise RuntimeError(f"{hist}: the baseline run recorded no gradient-norm history")
+        ctx.refine_fn(hist, self.output, norm=ctx.recipe.refine.norm, tau=ctx.recipe.refine.tau)
+        return self.detail()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """Evaluate a finished run's final checkpoint with `llm_refine.train.evaluate.evaluate_checkpoint`; write eval.json."""
+    from ..train.evaluate import evaluate_checkpoint
+
+    ckpt = final_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir}: no checkpoint-N directory to evaluate; the run must save its final checkpoint")
+    t0 = time.time()
+    # The run's own config (next to the checkpoint) defines the validation set.
+    res = dict(evaluate_checkpoint(ckpt))
+    res.update(
+        checkpoint=str(ckpt), summary_sha256=sha256_file(run_dir / SUMMARY),
+        eval_time_s=round(time.time() - t0, 3), evaluated=now(),
+    )
+    atomic_write_json(run_dir / EVAL_FILE, res)
+    return res
+
+
+def _eval_is_current(run_dir: Path) -> bool:
+    """eval.json exists and was made from the run's current summary.json."""
+    ev = read_json(run_dir / EVAL_FILE)
+    summary = run_dir / SUMMARY
+    return ev is not None and summary.exists() and ev.get("summary_sha256") == sha256_file(summary)
+
+
+@dataclass(kw_only=True)
+class EvaluateStage(PipelineStage):
+    kind: ClassVar[str] = "evaluate"
+
+    run_dirs: list[Path] = field(default_factory=list)  # the size's training runs
+
+    def state(self) -> str:
+        return SKIPPED if all(_eval_is_current(rd) for rd in self.run_dirs) else RUNNING
+
+    def execute(self, ctx: StageContext) -> str:
+        n = 0
+        for rd in self.run_dirs:
+            if not _eval_is_current(rd):
+                ctx.evaluate_fn(rd)
+                n += 1
+        return f"{n} run(s) evaluated"
+
+    def slurm_resources(self, nodes: int, gpus_per_node: int) -> tuple[int, int]:
+        return 1, min(1, gpus_per_node)  # one accelerator at most
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(kw_only=True)
+class ReportStage(PipelineStage):
+    kind: ClassVar[str] = "report"
+    blocked_by_failures: ClassVar[bool] = False  # it covers what finished
+
+    def state(self) -> str:
+        return RUNNING  # cheap, always rebuilt
+
+    def execute(self, ctx: StageContext) -> str:
+        from ..report import build_report, collect_runs
+
+        runs = collect_runs([ctx.out])
+        paths = build_report(runs, ctx.out, title=f"llm-refine: {ctx.recipe.name}", recipe=ctx.recipe)
+        return str(paths["markdown"])
+
+
+__all__ = [
+    "SKIPPED", "RESUMED", "RUNNING", "DONE", "FAILED", "BLOCKED", "INTERRUPTED", "EMITTED", "now", "StageContext",
+    "PipelineStage", "TrainStage", "RefineStage", "EvaluateStage", "ReportStage", "refine_baseline", "refine_detail",
+    "evaluate_run",
+]

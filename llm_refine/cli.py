@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
-    from .pipeline.runner import add_pipeline_arguments, main_pipeline
+    from .pipeline import add_pipeline_arguments, main_pipeline
     from .report import add_compare_arguments, main_compare
 
     for name, add, func, help_ in (

@@ -242,14 +242,17 @@ class Pipeline:
         self.line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
 
 
+_MOVED = {"add_pipeline_arguments": "cli", "main_pipeline": "cli", "emit_slurm": "slurm"}
+
+
 def __getattr__(name: str):
-    # Transitional: `add_pipeline_arguments` / `main_pipeline` moved to `pipeline.cli` (above this
-    # module). Old `from llm_refine.pipeline.runner import main_pipeline` keeps working, loaded on
-    # first use so that this module never imports the CLI layer at import time.
-    if name in ("add_pipeline_arguments", "main_pipeline"):
+    # Transitional aliases for callers of the old single-module runner: these moved to modules
+    # above this one (pipeline.cli, pipeline.slurm), so they are looked up on first use and this
+    # module never imports those layers itself. New code imports them from `llm_refine.pipeline`.
+    if name in _MOVED:
         import importlib
 
-        return getattr(importlib.import_module(f"{__package__}.cli"), name)
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -4,7 +4,8 @@ Measures, in one run, on the pipeline's smallest default model (``cpu-0.5m`` LLa
 batch 8, one thread, CPU):
 
 1. HF Trainer step time, with and without ``GradNormCallback``, with ``max_grad_norm`` 0 and 1
-   — rounds are interleaved and the median per-step time of each configuration is reported;
+   (and, with clipping, the opt-in ``reuse_norm=True`` that answers the Trainer's clip call from
+   the recorder's sums instead of letting the Trainer read the gradients again) — rounds are interleaved and the median per-step time of each configuration is reported;
    separate runs on a shared machine drift by more than the recorder costs, so also, measured
    inside the same steps: the time in the Trainer's norm/clip call and in the recorder;
 2. in isolation, on the same gradients: one ``GradNormRecorder.capture`` (ℓ1 + ℓ2, device
@@ -52,11 +53,11 @@ def _model(size: str):
         return LlamaForCausalLM(cfg)
 
 
-def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int) -> dict:
+def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int, reuse: bool = False) -> dict:
     """Per-step wall times of one Trainer run, plus, measured inside the same steps (robust to
     the machine's load, unlike comparing separate runs): the time in the Trainer's
     ``accelerator.clip_grad_norm_`` call (its own norm; with the recorder, the wrapper that
-    captures and answers the query), and the time in the recorder (capture + flush)."""
+    captures and then runs the Trainer's own call, or with ``reuse`` answers it from the sums), and the time in the recorder (capture + flush)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
@@ -67,7 +68,7 @@ def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, ba
     clip_t: list[float] = []  # per step: the Trainer's clip_grad_norm_ call (incl. a capture in it)
     flush_t: list[float] = []
     acc = {"rec": 0.0, "clip": 0.0, "flush": 0.0}
-    gcb = GradNormCallback() if recorder else None
+    gcb = GradNormCallback(reuse_norm=reuse) if recorder else None
 
     def timed(fn, key):
         def inner(*a, **k):
@@ -165,18 +166,19 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     iso = isolated(a.size, a.seq, a.batch, a.reps)
-    configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0),
-               "GradNormCallback (max_grad_norm=0)": (True, 0.0),
-               "Trainer clipping (max_grad_norm=1, no recorder)": (False, 1.0),
-               "GradNormCallback + clipping (max_grad_norm=1)": (True, 1.0)}
+    configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0, False),
+               "GradNormCallback (max_grad_norm=0)": (True, 0.0, False),
+               "Trainer clipping (max_grad_norm=1, no recorder)": (False, 1.0, False),
+               "GradNormCallback + clipping (max_grad_norm=1)": (True, 1.0, False),
+               "GradNormCallback(reuse_norm=True) + clipping": (True, 1.0, True)}
     per: dict[str, dict[str, list[float]]] = {k: {} for k in configs}
     for _ in range(a.rounds):
-        for name, (recorder, clip) in configs.items():
-            r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch)
+        for name, (recorder, clip, reuse) in configs.items():
+            r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch, reuse)
             for key, vals in r.items():
                 per[name].setdefault(key, []).extend(vals)
     med = {k: {key: statistics.median(v) for key, v in d.items() if v} for k, d in per.items()}
-    B, R, C, RC = (med[k] for k in configs)
+    B, R, C, RC, RR = (med[k] for k in configs)
     base = B["step"]
     print(f"model {a.size}: {iso['params']:,} parameters, seq {a.seq}, batch {a.batch}, 1 thread, "
           f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
@@ -190,10 +192,12 @@ def main(argv=None) -> int:
     print(f"  Trainer's own clip call, no recorder (max_grad_norm=1)   {pct(C['clip'])}")
     print(f"  recorder capture + flush (max_grad_norm=0)               {pct(R['rec'])}")
     print(f"    of which the host flush (.cpu() + JSON line)           {R['flush'] * 1e3:7.3f} ms")
-    print(f"  norm call with the recorder (capture + answer)           {pct(R['clip'])}")
-    print(f"  clip call with the recorder (capture + clip from sums)   {pct(RC['clip'])}")
+    print(f"  norm call with the recorder (capture + Trainer's own)    {pct(R['clip'])}")
+    print(f"  clip call with the recorder (capture + Trainer's own)    {pct(RC['clip'])}")
+    print(f"  clip call, reuse_norm=True (capture + clip from sums)    {pct(RR['clip'])}")
     print(f"  net extra per step, max_grad_norm=0 (call + flush - own) {pct(R['clip'] + R['flush'] - B['clip'])}")
     print(f"  net extra per step, max_grad_norm=1 (call + flush - own) {pct(RC['clip'] + RC['flush'] - C['clip'])}")
+    print(f"  net extra per step, max_grad_norm=1, reuse_norm=True     {pct(RR['clip'] + RR['flush'] - C['clip'])}")
     print(f"  recorder capture+flush / Trainer's own norm call         {R['rec'] / B['clip']:7.3f}")
     print("Isolated, same gradients (mean of %d calls):" % a.reps)
     print(f"  recorder capture (l1+l2, device buffer)   {iso['capture_s'] * 1e3:8.3f} ms")

@@ -63,7 +63,7 @@ class Crash(Exception):
 def run_trainer(
     stage: int, gas: int, clip: float, steps: int, out_dir: str, rank: int, world: int, *,
     run_dir: str | None = None, save_steps: int | None = None, crash_at: int | None = None,
-    resume_from: str | None = None,
+    resume_from: str | None = None, recorder: bool = True,
 ) -> dict:
     import deepspeed
     import torch
@@ -73,9 +73,16 @@ def run_trainer(
 
     data = dataset(PER_DEVICE * world * gas * steps)
 
+    step_losses: list[float] = []  # every micro-batch's loss, exactly (bit-identity with/without)
+
     class SeqTrainer(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            step_losses.append(float(loss))
+            return loss
 
     class Reference(TrainerCallback):
         """Float64 reference norms at the parameters each optimizer step starts from."""
@@ -116,7 +123,8 @@ def run_trainer(
     )
     ref = Reference()
     trainer = SeqTrainer(
-        model=tiny_llama(), args=args, train_dataset=data, callbacks=[GradNormCallback(), ref, CrashAt()]
+        model=tiny_llama(), args=args, train_dataset=data,
+        callbacks=[*([GradNormCallback()] if recorder else []), ref, CrashAt()],
     )
     ref.trainer = trainer
     engine = None
@@ -140,6 +148,8 @@ def run_trainer(
             "history_path": os.path.join(run_dir, "gradnorms.jsonl"),
             "crashed": crashed,
             "records": read_records(os.path.join(run_dir, "gradnorms.jsonl")) if rank == 0 else None,
+            "losses": step_losses,
+            "params_sha256": params_digest(engine.module),
         }
     finally:
         if engine is None:
@@ -216,6 +226,21 @@ def run_accelerate_loop(stage: int, gas: int, clip: float, steps: int, out_dir: 
         if hasattr(model, "destroy"):
             model.destroy()
         reset_accelerate()
+
+
+def params_digest(module) -> str:
+    """sha256 of this rank's parameter bytes (ZeRO-2: the full module parameters; ZeRO-3: this
+    rank's partitions): equal digests mean bit-identical parameters."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p if t is None else t
+        h.update(t.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_records(path: str) -> list[dict]:

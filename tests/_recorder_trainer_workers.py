@@ -75,14 +75,21 @@ class Crash(Exception):
 
 
 def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, fsdp1=False, crash_at=None, save_steps=None,
-                 logging_steps=1, extra_callbacks=()):
+                 logging_steps=1, extra_callbacks=(), recorder=True, reuse_norm=False, seed=0):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
 
     class SeqTrainer(Trainer):
+        step_losses: list  # every micro-batch's loss, exactly (for the bit-identity tests)
+
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, *a, **k):
+            loss = super().training_step(*a, **k)
+            self.step_losses.append(float(loss))
+            return loss
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
@@ -106,8 +113,67 @@ def make_trainer(outdir, *, steps, accum, clip, fsdp2=False, fsdp1=False, crash_
         dataloader_num_workers=0, seed=0, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
         weight_decay=0.0, **kw,
     )
-    return SeqTrainer(model=make_model(), args=args, train_dataset=reg_data(),
-                      callbacks=[GradNormCallback(), CrashAt(), *extra_callbacks])
+    recorders = [GradNormCallback(reuse_norm=reuse_norm)] if recorder else []
+    trainer = SeqTrainer(model=make_model(seed), args=args, train_dataset=reg_data(),
+                         callbacks=[*recorders, CrashAt(), *extra_callbacks])
+    trainer.step_losses = []
+    return trainer
+
+
+def engine_facts(trainer) -> dict:
+    """What really ran (the frameworks downgrade silently on CPU)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    wrapped = trainer.model_wrapped
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "num_processes": int(trainer.accelerator.num_processes),
+        "is_ddp": isinstance(wrapped, DDP),
+        "is_fsdp1": isinstance(wrapped, FSDP),
+        "is_fsdp2": isinstance(trainer.model, FSDPModule),
+        "wrapped_is_model": wrapped is trainer.model,
+    }
+
+
+def local_params(trainer) -> list:
+    """This rank's share of every parameter after training (FSDP2: the DTensor's local shard)."""
+    out = []
+    for p in trainer.model_wrapped.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        out.append(t.detach().clone())
+    return out
+
+
+def identity_case(outdir, *, steps=10, accum=2, clip=0.05, fsdp2=False, fsdp1=False, reuse_probe=True):
+    """The same Trainer run without and with GradNormCallback (and, as a probe, with the opt-in
+    reuse_norm=True): per-micro-batch losses and final parameters, compared exactly."""
+    runs = {}
+    modes = [("without", False, False), ("with", True, False)] + ([("reuse", True, True)] if reuse_probe else [])
+    for name, recorder, reuse in modes:
+        d = os.path.join(outdir, name)
+        trainer = make_trainer(d, steps=steps, accum=accum, clip=clip, fsdp2=fsdp2, fsdp1=fsdp1,
+                               recorder=recorder, reuse_norm=reuse)
+        trainer.train()
+        runs[name] = (trainer.step_losses, local_params(trainer), engine_facts(trainer))
+    base_losses, base_params, facts = runs["without"]
+    out = {"facts": facts, "facts_with": runs["with"][2], "n_losses": len(base_losses)}
+    for name in runs:
+        if name == "without":
+            continue
+        losses, params, _ = runs[name]
+        out[f"{name}_losses_equal"] = losses == base_losses
+        out[f"{name}_params_equal"] = len(params) == len(base_params) and all(
+            torch.equal(a, b) for a, b in zip(params, base_params))
+        out[f"{name}_steps_differing"] = sum(a != b for a, b in zip(losses, base_losses))
+        out[f"{name}_max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, base_losses))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:  # only global rank 0 writes the history
+        _, records = read_history(os.path.join(outdir, "with", "gradnorms.jsonl"))
+        out["recorded_steps"] = [r["step"] for r in records]
+    return out
 
 
 def patch_accelerate_fsdp(trainer, version):
@@ -221,6 +287,9 @@ def trainer_worker(rank: int, world: int, port: int, outdir: str) -> None:
         ("accelerate_ddp", accelerate_case),
         ("fsdp2_accum2_clip", lambda d: run_trainer_case(d, steps=3, accum=2, clip=0.05, fsdp2=True)),
         ("fsdp1_accum2_clip", lambda d: run_trainer_case(d, steps=3, accum=2, clip=0.05, fsdp1=True)),
+        ("identity_ddp", identity_case),
+        ("identity_fsdp2", lambda d: identity_case(d, fsdp2=True, reuse_probe=False)),
+        ("identity_fsdp1", lambda d: identity_case(d, fsdp1=True, reuse_probe=False)),
     ]
     for name, fn in cases:
         d = os.path.join(outdir, name)

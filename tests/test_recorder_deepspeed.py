@@ -281,6 +281,9 @@ TRAINER_RUNS = [
     # crash after the 3rd optimizer step (checkpoint-2 exists), then resume from checkpoint-2
     {"name": "crash", "kw": {"stage": 2, "gas": 1, "clip": 0.0, "steps": 5, "run_dir": "resume", "save_steps": 2, "crash_at": 3}},
     {"name": "resume", "kw": {"stage": 2, "gas": 1, "clip": 0.0, "steps": 5, "run_dir": "resume", "save_steps": 2, "resume_from": "checkpoint-2"}},
+    # the same ZeRO-2 run (accumulation 2, clipping active) without and with the recorder
+    {"name": "id_without", "kw": {"stage": 2, "gas": 2, "clip": 1e-3, "steps": 4, "run_dir": "id_without", "recorder": False}},
+    {"name": "id_with", "kw": {"stage": 2, "gas": 2, "clip": 1e-3, "steps": 4, "run_dir": "id_with"}},
 ]
 TRAINER_BY_NAME = {r["name"]: r for r in TRAINER_RUNS}
 
@@ -355,3 +358,18 @@ def test_trainer_deepspeed_resume_keeps_history_without_gap_or_duplicate(trainer
     assert sorted(resume["refs"]) == ["2", "3", "4"]
     _check_against_refs(resume["records"][2:], resume["refs"])
     _check_against_refs(crash["records"], crash["refs"])
+
+
+@needs_deepspeed
+@pytest.mark.distributed
+def test_trainer_deepspeed_bit_identical_with_and_without_the_recorder(trainer_runs):
+    """The observer must not change the run: with DeepSpeed the recorder only reads the gradients
+    inside the engine's model step, so every micro-batch loss and the final parameters are the
+    same bits with and without GradNormCallback (ZeRO-2, accumulation 2, clipping active)."""
+    without, with_ = trainer_runs["id_without"], trainer_runs["id_with"]
+    _check_engine_run(without, TRAINER_BY_NAME["id_without"]["kw"])
+    _check_engine_run(with_, TRAINER_BY_NAME["id_with"]["kw"])
+    assert len(without["losses"]) == 4 * 2 and with_["losses"] == without["losses"]
+    assert with_["params_sha256"] == without["params_sha256"]
+    assert [rec["step"] for rec in with_["records"]] == [0, 1, 2, 3] and without["records"] == []
+    assert min(ref[1] for ref in with_["refs"].values()) > 100 * 1e-3  # clipping was active

@@ -44,11 +44,25 @@ def find_trainer(start_frame=None):
     return None
 
 
-def _precision(args) -> str:
-    if getattr(args, "bf16", False):
-        return "bf16"
-    if getattr(args, "fp16", False):
-        return "fp16"
+_DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+def run_precision(trainer, args=None) -> str:
+    """The compute precision the Trainer really runs: accelerate's mixed precision (set by
+    ``args.bf16``/``args.fp16``, or by ``mixed_precision`` in an ``accelerate launch`` config, where
+    ``args.bf16`` stays False), else the dtype of the trainable parameters (a model loaded in bf16
+    without autocast runs in bf16), else fp32."""
+    args = args if args is not None else getattr(trainer, "args", None)
+    mp = str(getattr(getattr(trainer, "accelerator", None), "mixed_precision", None) or "no").lower()
+    if mp in ("bf16", "fp16", "fp8"):
+        return mp
+    for flag in ("bf16", "fp16"):
+        if getattr(args, flag, False):
+            return flag
+    model = getattr(trainer, "model", None)
+    params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    if params:
+        return _DTYPE_PRECISION.get(str(params[0].dtype).replace("torch.", ""), "fp32")
     return "fp32"
 
 
@@ -58,6 +72,10 @@ class GradNormCallback(TrainerCallback):
     ``output_path``: default ``<args.output_dir>/gradnorms.jsonl`` (written by global rank 0).
     ``flush_every``: host-copy interval in steps (default ``args.logging_steps``).
     ``norms``: which norms to record. ``per_group``: also per optimizer parameter group.
+    ``reuse_norm`` (opt-in): answer the Trainer's own norm/clip call from the recorder's sums (one
+    read of the gradients per step instead of two), at the price of bit-identity: see
+    :class:`~llm_refine.recorder.accelerate_hook.AccelerateGradNormHook`. By default the Trainer's
+    clip runs unchanged, so training with the callback is bit-identical to training without it.
     ``trainer``: pass it when the callback cannot find the Trainer itself (a custom loop that
     calls ``on_train_begin`` outside ``Trainer.train``).
     """
@@ -70,6 +88,7 @@ class GradNormCallback(TrainerCallback):
         *,
         per_group: bool = False,
         log_norms: bool = True,
+        reuse_norm: bool = False,
         trainer: Any = None,
     ):
         self.output_path = output_path
@@ -77,6 +96,7 @@ class GradNormCallback(TrainerCallback):
         self.norms = tuple(norms)
         self.per_group = per_group
         self.log_norms = log_norms
+        self.reuse_norm = reuse_norm
         self._trainer = trainer
         self.hook: AccelerateGradNormHook | None = None
         self._state = None
@@ -98,7 +118,7 @@ class GradNormCallback(TrainerCallback):
         flush_every = self.flush_every or max(1, int(getattr(state, "logging_steps", None) or args.logging_steps or 1))
         meta = {
             "source": "transformers.Trainer",
-            "precision": _precision(args),
+            "precision": run_precision(trainer, args),
             "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
             "max_grad_norm": float(args.max_grad_norm or 0.0),
             "per_device_train_batch_size": int(args.per_device_train_batch_size),
@@ -114,6 +134,7 @@ class GradNormCallback(TrainerCallback):
             norms=self.norms,
             meta=meta,
             per_group=self.per_group,
+            reuse_norm=self.reuse_norm,
             expect_clip_call=bool(args.max_grad_norm and args.max_grad_norm > 0),
         )
         if self.log_norms:

@@ -120,7 +120,7 @@ def test_run_without_marker_uses_config_and_summary(tmp_path):
     assert (r.size, r.schedule, r.seed, r.peak_lr) == ("cpu-8m", "cosine", 3, 1e-3)
 
 
-def test_loss_table_mean_std_and_relative_change(tmp_path):
+def test_loss_table_mean_std_and_paired_difference(tmp_path):
     make_sweep(tmp_path)
     header, rows = loss_table(collect_runs([tmp_path]))
     assert header == ["size", "params", "linear", "refined", "cosine"]
@@ -129,9 +129,9 @@ def test_loss_table_mean_std_and_relative_change(tmp_path):
     assert small[1] == "400.0K"
     # linear: 4.00 and 4.01 -> mean 4.005, sample std 0.00707
     assert small[2] == "4.0050 ± 0.0071 (n=2)"
-    rel = 100 * (3.905 - 4.005) / 4.005
-    assert small[3] == f"3.9050 ± 0.0071 (n=2) [{rel:+.2f}%]"
-    assert small[4].endswith(f"[{100 * (4.105 - 4.005) / 4.005:+.2f}%]")
+    # refined is 0.1 below linear at both seeds: Δ -0.1 with a zero-width interval, below 0
+    assert small[3] == "3.9050 ± 0.0071 (n=2); Δ -0.1000 [-0.1000, -0.1000] better"
+    assert small[4].endswith("Δ +0.1000 [+0.1000, +0.1000] worse")
 
 
 def test_single_seed_has_no_spread(tmp_path):
@@ -139,6 +139,7 @@ def test_single_seed_has_no_spread(tmp_path):
     _, rows = loss_table(collect_runs([tmp_path]))
     assert rows[0][2] == "4.0000"
     assert "±" not in rows[0][3]
+    assert rows[0][3] == "3.9000; Δ -0.1000 (one seed: no interval)"
 
 
 def test_best_lr_is_chosen_per_schedule(tmp_path):

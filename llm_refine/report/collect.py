@@ -78,6 +78,11 @@ class RunResult:
     schedule_config: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    # The validation estimate's own noise (eval.json of `evaluate_checkpoint`; None when not recorded):
+    val_se: float | None = None  # standard error over held-out sequences
+    val_se_tokens: float | None = None  # standard error over predicted tokens (as if independent)
+    val_sequences: int | None = None
+    val_tokens: int | None = None
 
     @property
     def lr_key(self) -> float | None:
@@ -133,7 +138,10 @@ def load_run(run_dir: Path) -> RunResult | None:
     label, schedule_name = _schedule_names(marker, config, summary)
     size = marker.get("size") or summary.get("size") or get(config, "model.size") or run_dir.parent.name
     seed = marker.get("seed", get(config, "train.seed", summary.get("seed")))
-    loss, ppl, src = _final_loss(read_dict(run_dir / EVAL_FILE), summary)
+    ev = read_dict(run_dir / EVAL_FILE)
+    loss, ppl, src = _final_loss(ev, summary)
+    if src != EVAL_FILE:
+        ev = {}
     sched_cfg = get(config, "schedule")
     return RunResult(
         run_dir=run_dir, size=str(size), schedule=label, schedule_name=schedule_name,
@@ -147,6 +155,9 @@ def load_run(run_dir: Path) -> RunResult | None:
         wall_time_s=num(summary.get("wall_time_s")),
         schedule_config=dict(sched_cfg) if isinstance(sched_cfg, dict) else {},
         config=config, summary=summary,
+        val_se=num(ev.get("val_loss_se")), val_se_tokens=num(ev.get("val_loss_se_tokens")),
+        val_sequences=_int_or_none(ev.get("sequences")) or _int_or_none(get(config, "data.val_sequences")),
+        val_tokens=_int_or_none(ev.get("tokens")),
     )
 
 

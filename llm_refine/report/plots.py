@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..figures import new_figure, save_figure
 from ..labels import REFINED
 from .collect import RunResult, num
-from .stats import best_cells, fmt_params, sched_sort, size_order
+from .stats import best_cells, cells, fmt_params, sched_sort, size_order
 
 logger = logging.getLogger(__name__)
 
@@ -187,4 +187,32 @@ def plot_gradnorms(run: RunResult, path: Path, tau: float = 0.1) -> Path | None:
     fig, axes = new_figure(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, k in zip(axes[0], keys):
         _draw_norm_panel(ax, run, records, k, tau)
+    return save_figure(fig, path)
+
+
+def plot_loss_vs_lr(runs: list[RunResult], size: str, path: Path) -> Path | None:
+    """Final validation loss vs peak LR (or LR multiplier) per schedule: each seed as a dot, the mean
+    over seeds as a line; None when the size ran at fewer than two LRs."""
+    rs = [r for r in runs if r.size == size and r.lr_key is not None and r.final_val_loss is not None]
+    lrs = sorted({r.lr_key for r in rs})
+    if len(lrs) < 2:
+        return None
+    mult = any(r.lr_multiplier is not None for r in rs)
+    allc = cells(runs)
+    fig, ax = new_figure(figsize=(6.0, 3.8))
+    for i, sched in enumerate(sched_sort(r.schedule for r in rs)):
+        pts = [(lr, c) for lr in lrs if (c := allc.get((size, sched, lr))) is not None and c.mean is not None]
+        if not pts:
+            continue
+        ax.plot([lr for lr, _ in pts], [c.mean for _, c in pts], marker="o", lw=1.4, color=f"C{i}", label=f"{sched} (mean over seeds)")
+        for lr, c in pts:
+            ax.plot([lr] * c.n, c.losses, ls="none", marker=".", ms=4, color=f"C{i}", alpha=0.5)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(lrs, [f"{x:g}" for x in lrs])
+    ax.set_xlabel("peak-LR multiplier" if mult else "peak LR")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"{size}: final validation loss vs peak LR (dots: seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -7,16 +7,20 @@ as losing.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable, Mapping
 
 from ..labels import BASELINE, REFINED, SCHEDULE_ORDER
 from .collect import RunResult, get, num, read_artifact
 
 Table = tuple[list[str], list[list[str]]]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,7 +98,9 @@ def baseline_for(runs: list[RunResult], size: str) -> RunResult | None:
 # Formatting
 
 
-def fmt_loss(c: Cell | None, ref: Cell | None = None) -> str:
+def fmt_loss(c: Cell | None, diff: "PairedDiff | None" = None) -> str:
+    """``mean ± sd (n=k)`` of a cell; with ``diff``, then its paired difference to the baseline
+    (`fmt_diff`: ``; Δ -0.1000 [-0.1635, -0.0365] better``)."""
     if c is None:
         return "—"
     if c.mean is None:
@@ -104,8 +110,8 @@ def fmt_loss(c: Cell | None, ref: Cell | None = None) -> str:
         s += f" ± {c.std:.4f}"
     if c.n != len(c.runs) or c.n > 1:
         s += f" (n={c.n})"
-    if ref is not None and ref is not c and ref.mean:
-        s += f" [{100.0 * (c.mean - ref.mean) / ref.mean:+.2f}%]"
+    if diff is not None:
+        s += "; " + fmt_diff(diff)
     return s
 
 
@@ -146,16 +152,19 @@ def flat_scalars(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def loss_table(runs: list[RunResult]) -> Table:
+    """Per size: each schedule at its best LR, mean ± sd over seeds, and for every schedule but the
+    baseline its paired difference to the baseline with the 95% interval and the verdict."""
     best = best_cells(runs)
+    heads = headline(runs)
     scheds = sched_sort(r.schedule for r in runs)
     header = ["size", "params"] + scheds
     rows = []
     for size in size_order(runs):
         params = next((r.parameters for r in runs if r.size == size and r.parameters), None)
-        ref = best.get((size, BASELINE), (None, None))[1]
         row = [size, fmt_params(params)]
         for s in scheds:
-            row.append(fmt_loss(best.get((size, s), (None, None))[1], ref))
+            cmp = heads.get((size, s))
+            row.append(fmt_loss(best.get((size, s), (None, None))[1], cmp.diff if cmp and cmp.baseline else None))
         rows.append(row)
     return header, rows
 
@@ -239,21 +248,25 @@ def fairness_rows(runs: list[RunResult]) -> Table:
 def runs_table(runs: list[RunResult], out: Path) -> Table:
     """One row per run, ordered by size, schedule, LR and seed; run dirs relative to ``out``."""
     sizes, scheds = size_order(runs), sched_sort(r.schedule for r in runs)
-    header = ["run dir", "size", "schedule", "seed", "peak LR", "final val loss", "perplexity", "steps", "wall time (s)"]
+    header = ["run dir", "size", "schedule", "seed", "peak LR", "final val loss", "validation SE", "perplexity", "steps",
+              "wall time (s)"]
     ordered = sorted(runs, key=lambda r: (sizes.index(r.size), scheds.index(r.schedule), r.lr_key or 0, r.seed or 0))
     return header, [
-        [_shown_path(r.run_dir, out), r.size, r.schedule, fmt_num(r.seed), fmt_num(r.peak_lr),
-         fmt_num(r.final_val_loss, 5), fmt_num(r.perplexity, 5), fmt_num(r.max_steps), fmt_num(r.wall_time_s, 3)]
+        [rel_path(r.run_dir, out), r.size, r.schedule, fmt_num(r.seed), fmt_num(r.peak_lr),
+         f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "?",
+         f"{r.val_se:.5f}" if r.val_se is not None else "—",
+         fmt_num(r.perplexity, 5), fmt_num(r.max_steps), fmt_num(r.wall_time_s, 3)]
         for r in ordered
     ]
 
 
-def _shown_path(p: Path, root: Path) -> str:
+def rel_path(p: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``p`` relative to ``root`` (with ``..`` where it lies outside), '/'-separated: the report never
+    shows an absolute path, so its folder can be moved or zipped."""
     try:
-        Path(p).resolve().relative_to(Path(root).resolve())
-    except ValueError:
-        return str(p)
-    return os.path.relpath(p, root)
+        return Path(os.path.relpath(os.path.abspath(p), os.path.abspath(root))).as_posix()
+    except ValueError:  # another drive (Windows): the name alone
+        return Path(p).name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,3 +283,304 @@ def tau_of(entry: tuple[Path, dict] | None) -> float:
     art = entry[1] if entry else None
     tau = num(((art or {}).get("provenance") or {}).get("tau"))
     return float(tau) if tau is not None else 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired differences to the baseline: mean, 95% interval, verdict
+
+BETTER, WORSE, WITHIN_NOISE = "better", "worse", "within noise"
+ONE_SEED = "one seed: no interval"
+NO_PAIRS = "no paired seeds"
+LEVEL = 0.95
+NOISE_RATIO = 1.0 / 3.0  # the validation SE should be at most this share of the seed-to-seed sd
+
+VERDICT_RULE = (
+    f"Verdict rule: Δ = final validation loss of the schedule − that of {BASELINE} at the same size, seed "
+    "(same seed ⇒ same initialization and data order) and peak LR, so lower is better. With n ≥ 2 paired "
+    "seeds the 95% interval is mean Δ ± t(0.975, n − 1) · sd(Δ) / √n (Student t); the schedule is *better* "
+    "when the whole interval is below 0, *worse* when it is above 0, and otherwise *within noise*. With one "
+    f"seed there is no interval and no verdict (\"{ONE_SEED}\")."
+)
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Candidate − baseline, paired by key (the seed): per-pair differences, their mean, sd, interval
+    and the verdict of `VERDICT_RULE`."""
+
+    keys: tuple  # the paired keys, sorted
+    diffs: tuple[float, ...]  # candidate − baseline for each key
+    mean: float | None
+    sd: float | None  # sample sd of the differences (n ≥ 2)
+    ci: tuple[float, float] | None  # Student-t interval at `level` (n ≥ 2)
+    level: float
+    unpaired: tuple  # keys present on one side only (not used)
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def verdict(self) -> str:
+        if self.n == 0:
+            return NO_PAIRS
+        if self.ci is None:
+            return ONE_SEED
+        lo, hi = self.ci
+        return BETTER if hi < 0 else WORSE if lo > 0 else WITHIN_NOISE
+
+
+def _key_order(k):
+    return (k is None, str(type(k)), k if k is not None else 0)
+
+
+def paired_difference(candidate: Mapping[Hashable, float], baseline: Mapping[Hashable, float], *,
+                      level: float = LEVEL) -> PairedDiff:
+    """Paired difference ``candidate[k] − baseline[k]`` over the keys (seeds) both have.
+
+    Returns the differences, their mean, and with n ≥ 2 pairs the sample sd and the Student-t
+    interval mean ± t((1 + level) / 2, n − 1) · sd / √n (`scipy.stats.t`); the verdict follows
+    `VERDICT_RULE`: "better" / "worse" when the whole interval is below / above 0, else "within
+    noise"; one pair: "one seed: no interval"; none: "no paired seeds".
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    keys = tuple(sorted(set(candidate) & set(baseline), key=_key_order))
+    unpaired = tuple(sorted(set(candidate) ^ set(baseline), key=_key_order))
+    diffs = tuple(float(candidate[k]) - float(baseline[k]) for k in keys)
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if n else None
+    sd = ci = None
+    if n >= 2:
+        from scipy import stats as sps
+
+        sd = statistics.stdev(diffs)
+        half = float(sps.t.ppf(0.5 + level / 2.0, n - 1)) * sd / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    return PairedDiff(keys=keys, diffs=diffs, mean=mean, sd=sd, ci=ci, level=level, unpaired=unpaired)
+
+
+def seed_losses(c: Cell | None) -> dict:
+    """seed -> final validation loss of a cell's runs (runs without a loss are left out; of two runs
+    with the same seed the first by run dir counts, and a warning says so)."""
+    out: dict = {}
+    for r in sorted(c.runs if c else [], key=lambda r: str(r.run_dir)):
+        if r.final_val_loss is None:
+            continue
+        if r.seed in out:
+            logger.warning("%s: a second run with seed %s in %s/%s; the first (%s) is compared",
+                           r.run_dir, r.seed, r.size, r.schedule, out[r.seed][1].run_dir)
+            continue
+        out[r.seed] = (r.final_val_loss, r)
+    return {k: v for k, (v, _) in out.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One cell (size, schedule, LR) against the baseline cell it is paired with."""
+
+    size: str
+    schedule: str
+    lr: float | None
+    baseline_lr: float | None
+    cell: Cell
+    baseline: Cell | None
+    diff: PairedDiff
+
+
+def baseline_cell(allc: dict, size: str, lr: float | None) -> tuple[float | None, Cell | None]:
+    """The baseline cell to pair with a cell at ``lr``: the baseline at the same LR; when the baseline
+    ran at one LR only (no sweep), that one."""
+    if (size, BASELINE, lr) in allc:
+        return lr, allc[(size, BASELINE, lr)]
+    own = [(k[2], c) for k, c in allc.items() if k[0] == size and k[1] == BASELINE]
+    return own[0] if len(own) == 1 else (None, None)
+
+
+def compare_cell(allc: dict, size: str, sched: str, lr: float | None) -> Comparison:
+    c = allc[(size, sched, lr)]
+    blr, base = baseline_cell(allc, size, lr)
+    return Comparison(size, sched, lr, blr, c, base, paired_difference(seed_losses(c), seed_losses(base)))
+
+
+def comparisons(runs: list[RunResult]) -> list[Comparison]:
+    """Every non-baseline cell (size, schedule, LR) against the baseline, paired by seed (and LR)."""
+    allc = cells(runs)
+    out = []
+    for size in size_order(runs):
+        for sched in sched_sort(r.schedule for r in runs if r.size == size):
+            if sched == BASELINE:
+                continue
+            for lr in sorted((k[2] for k in allc if k[:2] == (size, sched)), key=lambda x: (x is None, x or 0)):
+                out.append(compare_cell(allc, size, sched, lr))
+    return out
+
+
+def headline(runs: list[RunResult]) -> dict[tuple[str, str], Comparison]:
+    """(size, schedule) -> the comparison at the schedule's best LR (paired with the baseline at that LR)."""
+    allc = cells(runs)
+    return {(size, sched): compare_cell(allc, size, sched, lr)
+            for (size, sched), (lr, _) in best_cells(runs).items() if sched != BASELINE}
+
+
+def fmt_diff(d: PairedDiff, digits: int = 4) -> str:
+    """``Δ -0.1000 [-0.1635, -0.0365] better`` (n ≥ 2), ``Δ +0.1399 (one seed: no interval)``."""
+    if d.mean is None:
+        return NO_PAIRS
+    s = f"Δ {d.mean:+.{digits}f}"
+    if d.ci is None:
+        return f"{s} ({ONE_SEED})"
+    return f"{s} [{d.ci[0]:+.{digits}f}, {d.ci[1]:+.{digits}f}] {d.verdict}"
+
+
+def fmt_lr(lr: float | None, runs: list[RunResult]) -> str:
+    if lr is None:
+        return "—"
+    return f"lr×{lr:g}" if any(r.lr_multiplier is not None for r in runs) else f"lr {lr:g}"
+
+
+def comparison_table(runs: list[RunResult]) -> Table:
+    """Every (size, schedule, LR) vs the baseline: paired seeds, per-seed Δ, mean Δ, 95% CI, verdict."""
+    header = ["size", "schedule", "peak LR", "vs linear at", "paired seeds", "per-seed Δ", "mean Δ", "sd(Δ)",
+              "95% interval", "verdict"]
+    rows = []
+    for cmp in comparisons(runs):
+        d = cmp.diff
+        rows.append([
+            cmp.size, cmp.schedule, fmt_lr(cmp.lr, runs),
+            fmt_lr(cmp.baseline_lr, runs) if cmp.baseline is not None else "no baseline",
+            ", ".join(map(str, d.keys)) if d.keys else "none",
+            ", ".join(f"{x:+.4f}" for x in d.diffs) or "—",
+            f"{d.mean:+.4f}" if d.mean is not None else "—",
+            f"{d.sd:.4f}" if d.sd is not None else "—",
+            f"[{d.ci[0]:+.4f}, {d.ci[1]:+.4f}]" if d.ci else "—",
+            d.verdict,
+        ])
+    return header, rows
+
+
+def per_seed_table(runs: list[RunResult], size: str) -> Table:
+    """Rows: seeds; columns: each schedule's final loss at its best LR, then Δ to the baseline."""
+    heads = headline(runs)
+    best = best_cells(runs)
+    scheds = sched_sort(r.schedule for r in runs if r.size == size)
+    losses = {s: seed_losses(best[(size, s)][1]) for s in scheds}
+    others = [s for s in scheds if s != BASELINE]
+    seeds = sorted({k for v in losses.values() for k in v}, key=_key_order)
+    sweep = len({r.lr_key for r in runs if r.size == size}) > 1
+    at = (lambda lr: f" ({fmt_lr(lr, runs)})" if sweep else "")  # noqa: E731
+    header = (["seed"] + [s + at(best[(size, s)][0]) for s in scheds]
+              + [f"Δ {s}" + (f" vs {BASELINE}{at(heads[(size, s)].baseline_lr)}" if sweep else "") for s in others])
+    rows = []
+    for k in seeds:
+        row = [fmt_num(k)] + [f"{losses[s][k]:.4f}" if k in losses[s] else "—" for s in scheds]
+        for s in others:
+            d = heads[(size, s)].diff
+            row.append(f"{d.diffs[d.keys.index(k)]:+.4f}" if k in d.keys else "—")
+        rows.append(row)
+    return header, rows
+
+
+def verdict_sentence(runs: list[RunResult], size: str) -> str:
+    """One sentence for a size: each schedule against the baseline at its best LR."""
+    heads = headline(runs)
+    scheds = [s for s in sched_sort(r.schedule for r in runs if r.size == size) if s != BASELINE]
+    if not any(r.size == size and r.schedule == BASELINE for r in runs):
+        return f"{size}: no {BASELINE} run, so nothing is compared."
+    if not scheds:
+        return f"{size}: only {BASELINE} ran."
+    sweep = len({r.lr_key for r in runs if r.size == size}) > 1
+    parts, single = [], []
+    for s in scheds:
+        cmp = heads[(size, s)]
+        d = cmp.diff
+        at = f" at {fmt_lr(cmp.lr, runs)}" if sweep and cmp.lr is not None else ""
+        if d.n == 0:
+            parts.append(f"{s}{at} has no seed in common with {BASELINE}")
+        elif d.ci is None:
+            single.append((s, f"{s}{at} {d.mean:+.4f}"))
+        else:
+            word = {BETTER: f"better than {BASELINE}", WORSE: f"worse than {BASELINE}", WITHIN_NOISE: "within noise"}[d.verdict]
+            parts.append(f"{s}{at} is {word} (Δ {d.mean:+.4f}, 95% CI [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}], {d.n} seeds)")
+    if single:
+        parts.append(f"one seed, so no interval and no verdict for {', '.join(s for s, _ in single)} "
+                     f"(observed Δ vs {BASELINE}: {', '.join(t for _, t in single)})")
+    return f"{size}: " + "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise: the validation estimate's own standard error vs the seed-to-seed spread
+
+
+@dataclass(frozen=True)
+class Noise:
+    size: str
+    val_se: float | None  # median over the size's runs of the SE over held-out sequences
+    val_se_max: float | None
+    val_se_tokens: float | None  # median SE over tokens (treats tokens as independent)
+    val_sequences: int | None
+    val_tokens: int | None
+    seed_sd: float | None  # pooled within-cell sd of the final loss over seeds
+    seed_df: int  # its degrees of freedom (Σ (n_cell − 1))
+
+    @property
+    def ratio(self) -> float | None:
+        return self.val_se / self.seed_sd if self.val_se is not None and self.seed_sd else None
+
+    @property
+    def too_noisy(self) -> bool:
+        return self.ratio is not None and self.ratio > NOISE_RATIO
+
+    @property
+    def sequences_needed(self) -> int | None:
+        """Held-out sequences for SE ≤ NOISE_RATIO · seed sd (SE shrinks as 1/√sequences)."""
+        if not self.too_noisy or not self.val_sequences:
+            return None
+        return math.ceil(self.val_sequences * (self.ratio / NOISE_RATIO) ** 2)
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def noise(runs: list[RunResult], size: str) -> Noise:
+    rs = [r for r in runs if r.size == size]
+    num_df = 0.0
+    df = 0
+    for (s, _, _), c in cells(runs).items():
+        if s == size and c.n >= 2:
+            num_df += (c.n - 1) * statistics.variance(c.losses)
+            df += c.n - 1
+    ses = [r.val_se for r in rs if r.val_se is not None]
+    seqs = sorted({r.val_sequences for r in rs if r.val_sequences})
+    toks = sorted({r.val_tokens for r in rs if r.val_tokens})
+    return Noise(
+        size=size, val_se=_median(ses), val_se_max=max(ses) if ses else None,
+        val_se_tokens=_median([r.val_se_tokens for r in rs if r.val_se_tokens is not None]),
+        val_sequences=seqs[0] if len(seqs) == 1 else None, val_tokens=toks[0] if len(toks) == 1 else None,
+        seed_sd=math.sqrt(num_df / df) if df else None, seed_df=df,
+    )
+
+
+def noise_table(runs: list[RunResult]) -> Table:
+    header = ["size", "held-out set", "validation SE (over sequences)", "validation SE (over tokens)",
+              "seed-to-seed sd", "SE / seed sd", "validation set large enough?"]
+    rows = []
+    for size in size_order(runs):
+        nz = noise(runs, size)
+        if nz.val_sequences:
+            held = f"{nz.val_sequences} sequences" + (f", {nz.val_tokens} predicted tokens" if nz.val_tokens else "")
+        else:
+            held = "?"
+        se = "not recorded" if nz.val_se is None else (
+            f"{nz.val_se:.5f}" + (f" (max {nz.val_se_max:.5f})" if nz.val_se_max and nz.val_se_max > nz.val_se * 1.05 else ""))
+        sd = f"{nz.seed_sd:.4f} (df {nz.seed_df})" if nz.seed_sd is not None else "one seed: not measured"
+        if nz.ratio is None:
+            ok = "unknown"
+        elif nz.too_noisy:
+            ok = f"NO: enlarge data.val_sequences to ≥ {nz.sequences_needed}" if nz.sequences_needed else "NO"
+        else:
+            ok = "yes"
+        rows.append([size, held, se, f"{nz.val_se_tokens:.5f}" if nz.val_se_tokens is not None else "not recorded",
+                     sd, f"{nz.ratio:.2f}" if nz.ratio is not None else "—", ok])
+    return header, rows

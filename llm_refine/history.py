@@ -11,9 +11,11 @@ Appends are line-at-a-time and flushed, so a crash loses at most the line being 
 final line is detected and dropped on the next open. On resume the writer drops every record past
 the checkpoint's step, so the history has no gap and no duplicate.
 
-Readers also take a 2-column CSV (step, value), W&B CSV exports (header row, quoted values, the
-norm in a named column or the second one) and ``.npy`` (1-D: one value per step from 0; 2-D:
-columns step, value).
+Readers also take a 2-column CSV (step, value; ``.tsv``: tab-separated), W&B CSV exports (header
+row, quoted values, the norm in a named column or the second one) and ``.npy`` (1-D: one value per
+step from 0; 2-D: columns step, value). All formats share one numeric policy (see
+`_step_problem`); text must be UTF-8. With pyarrow installed, clean CSV and JSONL files are read by
+its vectorised readers; anything else goes to the pure-Python readers, which give the errors.
 """
 
 from __future__ import annotations
@@ -168,8 +170,9 @@ def _read_bytes(path: Path) -> bytes:
         return f.read()
 
 
-def _read_jsonl_numbered(path: Path) -> tuple[dict, list[tuple[int, dict]]]:
-    text = _decode_text(path, _read_bytes(path), "JSON-lines history")
+def _read_jsonl_numbered(path: Path, data: bytes | None = None) -> tuple[dict, list[tuple[int, dict]]]:
+    text = _decode_text(path, _read_bytes(path) if data is None else data, "JSON-lines history")
+    del data
     lines, torn = split_jsonl(text)
     if torn:
         warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
@@ -256,7 +259,11 @@ def _json_value(v: Any, key: str, path: Path, line: int) -> float:
 
 
 def _jsonl_trace(path: Path, key: str) -> NormTrace:
-    meta, records = _read_jsonl_numbered(path)
+    data = _read_bytes(path)
+    fast = _read_jsonl_arrow(path, data, key)
+    if fast is not None:
+        return fast
+    meta, records = _read_jsonl_numbered(path, data)
     steps: list[int] = []
     vals: list[float] = []
     skipped = 0
@@ -318,7 +325,12 @@ def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.nda
     """(steps, values, column name) of a 2-column or W&B CSV (TSV for .tsv), pure Python."""
     path = Path(path)
     delimiter = csv_delimiter(path)
-    text = _decode_text(path, _read_bytes(path), "CSV history")
+    data = _read_bytes(path)
+    fast = _read_csv_arrow(path, data, column, delimiter)
+    if fast is not None:
+        return fast
+    text = _decode_text(path, data, "CSV history")
+    del data
     if "\x00" in text:
         raise UserError(f"{path}: contains NUL bytes, so it is not a text CSV (UTF-16 without a BOM?); re-save it as UTF-8")
     try:
@@ -353,6 +365,188 @@ def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.nda
         steps.append(s)
         vals.append(v)
     return np.asarray(steps, dtype=np.float64).astype(np.int64), np.asarray(vals, dtype=np.float64), header[col]
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorised readers (pyarrow, when installed)
+#
+# The fast path parses a well-formed file with pyarrow's multithreaded CSV / JSON readers and
+# applies the same numeric policy with numpy. It answers only when the file is clean by every rule
+# of the pure-Python readers above; on anything else (an error, an odd encoding, a blank line, a
+# header in the middle, a null) it steps aside and the pure-Python reader reads the file, so
+# results, warnings and error messages are the same with or without pyarrow. pyarrow is optional:
+# the core install (numpy, scipy, pyyaml, matplotlib) uses the pure-Python readers.
+
+_PYARROW: Any = None  # None: not tried yet; False: not installed; else (pyarrow, pyarrow.csv, pyarrow.json)
+# Bytes that Python's str.splitlines() treats as line ends but pyarrow does not (VT, FF, FS, GS, RS,
+# NEL, LS, PS): a file holding one goes to the pure-Python reader.
+_ODD_LINE_ENDS = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e")
+_ODD_LINE_ENDS_UTF8 = (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+
+
+def _arrow():
+    """(pyarrow, pyarrow.csv, pyarrow.json), or None when pyarrow is not installed (or disabled
+    with LLM_REFINE_READER=python)."""
+    global _PYARROW
+    if os.environ.get("LLM_REFINE_READER", "").lower() == "python":
+        return None
+    if _PYARROW is None:
+        try:
+            import pyarrow
+            import pyarrow.csv
+            import pyarrow.json
+
+            _PYARROW = (pyarrow, pyarrow.csv, pyarrow.json)
+        except ImportError:
+            _PYARROW = False
+    return _PYARROW or None
+
+
+def _clean_utf8(data: bytes) -> bool:
+    if data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        return False
+    odd = _ODD_LINE_ENDS
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        odd = odd + _ODD_LINE_ENDS_UTF8
+    return not any(b in data for b in odd)  # a few memchr-speed scans
+
+
+def _steps_ok(st: np.ndarray) -> bool:
+    """The numeric policy's step rule, vectorised (finite, whole, |step| < 2^53)."""
+    if st.size == 0:
+        return True
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(st).all() and (np.floor(st) == st).all() and (np.abs(st) < MAX_STEP).all())
+
+
+def _bits(buf, offset: int, n: int) -> np.ndarray:
+    """An Arrow bitmap (validity or boolean values) as a numpy bool array."""
+    return np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[offset : offset + n].astype(bool)
+
+
+def _column_numpy(col) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float64 values, validity mask or None when there are no nulls) of a pyarrow float64
+    column, read from its buffers (Arrow's own to_numpy may import pandas)."""
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    n = len(arr)
+    vals = np.frombuffer(arr.buffers()[1], dtype=np.float64)[arr.offset : arr.offset + n] if n else np.zeros(0)
+    if arr.null_count == 0:
+        return vals, None
+    return vals, _bits(arr.buffers()[0], arr.offset, n)
+
+
+def _bool_numpy(col) -> np.ndarray:
+    """A pyarrow boolean column as numpy, null as False."""
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    n = len(arr)
+    if n == 0 or arr.null_count == n:
+        return np.zeros(n, dtype=bool)
+    vals = _bits(arr.buffers()[1], arr.offset, n)
+    if arr.null_count:
+        vals &= _bits(arr.buffers()[0], arr.offset, n)
+    return vals
+
+
+def _read_csv_arrow(path: Path, data: bytes, column: str | None, delimiter: str):
+    mods = _arrow()
+    if mods is None or not _clean_utf8(data):
+        return None
+    pa, pacsv, _ = mods
+    nl = data.find(b"\n")
+    if nl <= 0:
+        return None
+    first = data[:nl].rstrip(b"\r").decode("utf-8")
+    try:
+        row = next(csv.reader([first], delimiter=delimiter))
+    except (csv.Error, StopIteration):
+        return None
+    if not row or not any(c.strip() for c in row):
+        return None  # leading blank line: the pure-Python reader skips it
+    has_header = any(_to_float(c) is None for c in row)
+    header = [c.strip() for c in row] if has_header else [f"col{i}" for i in range(len(row))]
+    if not has_header and column is not None:
+        return None
+    try:
+        col = _pick_column(header, column, path)
+    except UserError:
+        return None
+    if col == 0:
+        return None
+    names = [f"c{i}" for i in range(len(row))]
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if has_header else 0),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=[names[0], names[col]],
+                column_types={names[0]: pa.float64(), names[col]: pa.float64()},
+                null_values=[""],
+                quoted_strings_can_be_null=True,
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowException, ValueError, OverflowError):
+        return None
+    steps, step_valid = _column_numpy(table.column(names[0]))
+    if step_valid is not None or not _steps_ok(steps):
+        return None
+    vals, val_valid = _column_numpy(table.column(names[col]))
+    if val_valid is not None:  # W&B leaves a cell empty where that run logged nothing at this step
+        steps, vals = steps[val_valid], vals[val_valid]
+    return steps.astype(np.int64), np.array(vals, dtype=np.float64), header[col]
+
+
+def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
+    mods = _arrow()
+    if mods is None or key in ("step", "skipped") or not data or not _clean_utf8(data):
+        return None
+    pa, _, pajson = mods
+    torn = not data.endswith(b"\n")
+    if torn:
+        data = data[: data.rfind(b"\n") + 1]  # a copy, only for a file a crash left torn
+    meta: dict = {}
+    nl = data.find(b"\n")
+    try:
+        head = json.loads(data[:nl]) if nl > 0 else None
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
+        return None
+    start = 0
+    if isinstance(head, dict) and "format" in head and "step" not in head:
+        m = head.get("meta", {})
+        meta = dict(m) if isinstance(m, dict) else {}
+        start = nl + 1
+    n_lines = data.count(b"\n", start)
+    if n_lines == 0:
+        return None
+    schema = pa.schema([("step", pa.float64()), (key, pa.float64()), ("skipped", pa.bool_())])
+    try:
+        table = pajson.read_json(
+            pa.BufferReader(pa.py_buffer(data).slice(start)),  # zero-copy: no second copy of the file
+            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False),
+        )
+    except (pa.ArrowException, ValueError, OverflowError):
+        return None
+    if table.num_rows != n_lines:
+        return None  # blank lines, or two records on one line: the pure-Python reader decides
+    steps, step_valid = _column_numpy(table.column("step"))
+    if step_valid is not None or not _steps_ok(steps):
+        return None
+    skipped = _bool_numpy(table.column("skipped"))
+    vals, val_valid = _column_numpy(table.column(key))
+    keep = ~skipped
+    if val_valid is not None and not val_valid[keep].all():
+        return None  # a null or a missing key: the pure-Python reader tells them apart
+    if torn:
+        warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
+    n_skipped = int(skipped.sum())
+    if n_skipped:
+        steps, vals = steps[keep], vals[keep]
+    return NormTrace(steps.astype(np.int64), np.array(vals, dtype=np.float64), str(path), key, meta, n_skipped)
 
 
 NPY_MAGIC = b"\x93NUMPY"

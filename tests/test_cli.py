@@ -231,3 +231,13 @@ def test_library_modules_do_not_print():
 
     for mod in (llm_refine.artifact, llm_refine.fileio, llm_refine.history, llm_refine.refine):
         assert "print(" not in inspect.getsource(mod), mod.__name__
+
+
+@pytest.mark.parametrize("value,norm", [("1e308", "l1"), ("1e-300", "l1"), ("1e100", "l2")])
+def test_extreme_constant_norms_refine_through_the_cli(tmp_path, capsys, value, norm):
+    p = tmp_path / "c.csv"
+    p.write_text("".join(f"{i},{value}\n" for i in range(100)))
+    out = tmp_path / "s.json"
+    assert main(["refine", str(p), "--norm", norm, "-o", str(out)]) == 0, capsys.readouterr().err
+    m = np.array(json.loads(out.read_text())["multipliers"])
+    np.testing.assert_allclose(m, (99 - np.arange(100)) / 99, rtol=0, atol=1e-12)

@@ -256,6 +256,9 @@ def test_evaluate_checkpoint_standard_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "prepare_data", lambda cfg: SimpleNamespace(val=val, vocab_size=V))
     res = evaluate_checkpoint(tmp_path / "checkpoint-1", SimpleNamespace(data=None), batch_size=8, device="cpu")
     assert set(res) == {"val_loss", "perplexity", "tokens", "sequences", "val_loss_se", "val_loss_se_tokens"}
+    per_seq = evaluate_checkpoint(tmp_path / "checkpoint-1", SimpleNamespace(data=None), batch_size=8, device="cpu",
+                                  sequence_losses=True)
+    assert {k: v for k, v in per_seq.items() if k != "sequence_losses"} == res
 
     # val_loss: exactly the previous computation (the model's batch loss weighted by its tokens)
     model = LlamaForCausalLM.from_pretrained(str(tmp_path / "checkpoint-1")).eval()
@@ -276,3 +279,29 @@ def test_evaluate_checkpoint_standard_errors(tmp_path, monkeypatch):
     assert res["val_loss_se"] == pytest.approx(np.std(seq, ddof=1) / math.sqrt(S), rel=1e-4)
     assert res["val_loss_se_tokens"] == pytest.approx(tok.double().std().item() / math.sqrt(S * (L - 1)), rel=1e-4)
     assert 0 < res["val_loss_se"] and 0 < res["val_loss_se_tokens"]
+    assert per_seq["sequence_losses"] == pytest.approx(seq, rel=1e-5)
+
+
+def test_heldout_se_of_a_paired_difference(tmp_path):
+    """With per-sequence losses in eval.json, the comparison table shows sd(per-sequence Δ) / √S,
+    the median over the seed pairs."""
+    rng = np.random.default_rng(5)
+    S = 40
+    level = rng.normal(5.0, 0.5, S)  # sequences differ a lot in difficulty (a large per-run SE) ...
+    expected = []
+    for seed in (0, 1, 2):
+        base = level + rng.normal(0, 0.01, S)
+        cand = base - 0.02 + rng.normal(0, 0.01 * (seed + 1), S)  # ... but the difference is small and steady
+        expected.append(np.std(cand - base, ddof=1) / math.sqrt(S))
+        for sched, xs in (("linear", base), ("cosine", cand)):
+            rd = make_run(tmp_path / f"{sched}-seed{seed}", schedule=sched, seed=seed, loss=float(xs.mean()))
+            (rd / "eval.json").write_text(json.dumps({
+                "val_loss": float(xs.mean()), "tokens": S * 31, "sequences": S, "sequence_losses": xs.tolist(),
+                "val_loss_se": float(np.std(xs, ddof=1) / math.sqrt(S))}))
+    runs = collect_runs([tmp_path])
+    (cmp,) = comparisons(runs)
+    assert cmp.heldout_se() == pytest.approx(float(np.median(expected)))
+    assert cmp.heldout_se() < 0.1 * noise(runs, "cpu-0.5m").val_se
+    build_report(runs, tmp_path)
+    row = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("| cpu-0.5m | cosine | lr"))
+    assert row.endswith(f"| {np.median(expected):.5f} |")

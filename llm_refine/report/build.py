@@ -76,8 +76,9 @@ def _noise_warnings(runs: list[RunResult]) -> list[tuple]:
             out.append(("warn", f"{size}: the validation estimate's own noise (SE {nz.val_se:.4f} over "
                                 f"{nz.val_sequences or '?'} held-out sequences) is {nz.ratio:.2f} of the seed-to-seed sd "
                                 f"({nz.seed_sd:.4f}), more than {NOISE_RATIO:.2g}: enlarge data.val_sequences{need} "
-                                "(the SE shrinks as 1/√sequences) so that differences between schedules are not "
-                                "differences between held-out samples."))
+                                "(the SE shrinks as 1/√sequences) so that the losses measure the models rather than "
+                                "the held-out sample (for the paired Δ, see its held-out SE under Final validation "
+                                "loss)."))
     return out
 
 
@@ -125,9 +126,11 @@ def _noise_section(runs: list[RunResult]) -> list[tuple]:
               "correlated; the SE over tokens treats them as independent and is shown for comparison (median over "
               "the size's runs). The seed-to-seed sd is the sample sd of the final loss over seeds, pooled over the "
               f"size's schedules and LRs. The held-out set is large enough when its SE is at most {NOISE_RATIO:.2g} "
-              "of the seed sd; with one seed the seed sd is not measured. (For a paired difference both runs are "
-              "scored on the same held-out sequences, so this SE is an upper bound on the held-out set's share of "
-              "the noise in Δ.)"),
+              "of the seed sd; with one seed the seed sd is not measured. This SE is the noise of each run's loss "
+              "level. A paired Δ is less exposed: both runs are scored on the same held-out sequences, so the "
+              "held-out set's share of the noise in Δ is sd(per-sequence differences) / √sequences, the last "
+              "column of the paired-differences table where eval.json holds per-sequence losses "
+              "(evaluate_checkpoint(..., sequence_losses=True))."),
     ]
 
 

@@ -83,6 +83,7 @@ class RunResult:
     val_se_tokens: float | None = None  # standard error over predicted tokens (as if independent)
     val_sequences: int | None = None
     val_tokens: int | None = None
+    val_sequence_losses: list[float] | None = None  # per held-out sequence, when eval.json has them
 
     @property
     def lr_key(self) -> float | None:
@@ -158,7 +159,17 @@ def load_run(run_dir: Path) -> RunResult | None:
         val_se=num(ev.get("val_loss_se")), val_se_tokens=num(ev.get("val_loss_se_tokens")),
         val_sequences=_int_or_none(ev.get("sequences")) or _int_or_none(get(config, "data.val_sequences")),
         val_tokens=_int_or_none(ev.get("tokens")),
+        val_sequence_losses=_sequence_losses(ev),
     )
+
+
+def _sequence_losses(ev: dict) -> list[float] | None:
+    """eval.json's per-sequence losses, when present, complete and all finite numbers."""
+    xs = ev.get("sequence_losses")
+    if not isinstance(xs, list) or len(xs) < 2 or (isinstance(ev.get("sequences"), int) and len(xs) != ev["sequences"]):
+        return None
+    vals = [num(x) for x in xs]
+    return None if any(v is None for v in vals) else vals
 
 
 def collect_runs(dirs: Iterable[str | os.PathLike], *, tag_sources: bool = False) -> list[RunResult]:

@@ -22,7 +22,7 @@ h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bo
 h3{margin-top:1.4em}
 table{border-collapse:collapse;margin:.8em 0;font-size:13.5px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f2f2f2}tbody tr:nth-child(even){background:#fafafa}
-td{font-variant-numeric:tabular-nums}
+td{font-variant-numeric:tabular-nums}td.nw{white-space:nowrap}
 td.better{background:#e3f4e3}td.worse{background:#fbe3e3}td.noise{background:#f4f4f4}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}
 pre{background:#f7f7f7;padding:8px;overflow:auto}
@@ -50,6 +50,8 @@ def md_table(header, rows) -> str:
 def _td(c) -> str:
     s = str(c)
     cls = _VERDICT_CLASS.get(s) or next((v for k, v in _VERDICT_CLASS.items() if s.endswith("] " + k)), None)
+    if len(s) <= 22:  # a name, a number, an interval: kept on one line
+        cls = f"{cls} nw" if cls else "nw"
     return f'<td class="{cls}">{html.escape(s)}</td>' if cls else f"<td>{html.escape(s)}</td>"
 
 

@@ -360,19 +360,32 @@ def paired_difference(candidate: Mapping[Hashable, float], baseline: Mapping[Has
     return PairedDiff(keys=keys, diffs=diffs, mean=mean, sd=sd, ci=ci, level=level, unpaired=unpaired)
 
 
-def seed_losses(c: Cell | None) -> dict:
-    """seed -> final validation loss of a cell's runs (runs without a loss are left out; of two runs
-    with the same seed the first by run dir counts, and a warning says so)."""
+def seed_runs(c: Cell | None) -> dict:
+    """seed -> the cell's run with that seed (runs without a loss are left out; of two runs with the
+    same seed the first by run dir counts, and a warning says so)."""
     out: dict = {}
     for r in sorted(c.runs if c else [], key=lambda r: str(r.run_dir)):
         if r.final_val_loss is None:
             continue
         if r.seed in out:
             logger.warning("%s: a second run with seed %s in %s/%s; the first (%s) is compared",
-                           r.run_dir, r.seed, r.size, r.schedule, out[r.seed][1].run_dir)
+                           r.run_dir, r.seed, r.size, r.schedule, out[r.seed].run_dir)
             continue
-        out[r.seed] = (r.final_val_loss, r)
-    return {k: v for k, (v, _) in out.items()}
+        out[r.seed] = r
+    return out
+
+
+def seed_losses(c: Cell | None) -> dict:
+    """seed -> final validation loss of a cell's runs (the runs of `seed_runs`)."""
+    return {k: r.final_val_loss for k, r in seed_runs(c).items()}
+
+
+def heldout_se_of_difference(a: list[float] | None, b: list[float] | None) -> float | None:
+    """The held-out set's share of the noise in one run-pair difference: both runs scored on the same
+    sequences, sd(a_i − b_i) / √sequences; None without two equal-length per-sequence lists."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    return statistics.stdev([x - y for x, y in zip(a, b)]) / math.sqrt(len(a))
 
 
 @dataclass(frozen=True)
@@ -386,6 +399,13 @@ class Comparison:
     cell: Cell
     baseline: Cell | None
     diff: PairedDiff
+
+    def heldout_se(self) -> float | None:
+        """Median over the paired seeds of `heldout_se_of_difference` (None where not recorded)."""
+        mine, base = seed_runs(self.cell), seed_runs(self.baseline)
+        ses = [se for k in self.diff.keys
+               if (se := heldout_se_of_difference(mine[k].val_sequence_losses, base[k].val_sequence_losses)) is not None]
+        return statistics.median(ses) if ses else None
 
 
 def baseline_cell(allc: dict, size: str, lr: float | None) -> tuple[float | None, Cell | None]:
@@ -442,7 +462,7 @@ def fmt_lr(lr: float | None, runs: list[RunResult]) -> str:
 def comparison_table(runs: list[RunResult]) -> Table:
     """Every (size, schedule, LR) vs the baseline: paired seeds, per-seed Δ, mean Δ, 95% CI, verdict."""
     header = ["size", "schedule", "peak LR", "vs linear at", "paired seeds", "per-seed Δ", "mean Δ", "sd(Δ)",
-              "95% interval", "verdict"]
+              "95% interval", "verdict", "held-out SE of Δ"]
     rows = []
     for cmp in comparisons(runs):
         d = cmp.diff
@@ -455,6 +475,7 @@ def comparison_table(runs: list[RunResult]) -> Table:
             f"{d.sd:.4f}" if d.sd is not None else "—",
             f"[{d.ci[0]:+.4f}, {d.ci[1]:+.4f}]" if d.ci else "—",
             d.verdict,
+            f"{se:.5f}" if (se := cmp.heldout_se()) is not None else "not recorded",
         ])
     return header, rows
 

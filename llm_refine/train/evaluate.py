@@ -28,7 +28,8 @@ def _find_config(checkpoint_dir: Path):
     )
 
 
-def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16, device: str | None = None) -> dict:
+def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch_size: int = 16, device: str | None = None,
+                        sequence_losses: bool = False) -> dict:
     """``{"val_loss", "perplexity", "tokens", "sequences", "val_loss_se", "val_loss_se_tokens"}`` of the
     model in ``checkpoint_dir``.
 
@@ -47,6 +48,11 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch
 
     Both are None with fewer than 2 sequences. ``val_loss`` itself is computed exactly as before
     (the model's own mean loss per batch, weighted by its predicted tokens).
+
+    ``sequence_losses=True`` adds ``"sequence_losses"``: the mean token loss of each held-out
+    sequence, in the validation set's order. Two runs scored on the same set can then be compared
+    sequence by sequence: the held-out set's share of the noise in their difference is
+    sd(per-sequence differences) / sqrt(sequences), usually far below either run's own SE.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -90,5 +96,8 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, config=None, *, batch
         mean_tok = tok_sum / count
         var_tok = max(tok_sq - count * mean_tok * mean_tok, 0.0) / (count - 1)
         se_tok = math.sqrt(var_tok / count)
-    return {"val_loss": loss, "perplexity": math.exp(loss) if loss < 700 else None, "tokens": count, "sequences": len(rows),
-            "val_loss_se": se_seq, "val_loss_se_tokens": se_tok}
+    res = {"val_loss": loss, "perplexity": math.exp(loss) if loss < 700 else None, "tokens": count, "sequences": len(rows),
+           "val_loss_se": se_seq, "val_loss_se_tokens": se_tok}
+    if sequence_losses:
+        res["sequence_losses"] = seq_means
+    return res

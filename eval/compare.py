@@ -6,7 +6,7 @@
 
 import sys
 
-from llm_refine.report.compare import main
+from llm_refine.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written (pyproject reads it; see CHANGELOG.md)
 
 _LAZY = {
     # refinement
@@ -24,9 +24,9 @@ _LAZY = {
     # schedules
     "ScheduleConfig": "llm_refine.schedules",
     "make_schedule": "llm_refine.schedules",
-    "lambda_lr": "llm_refine.schedules",
-    "use_schedule": "llm_refine.schedules",
-    "get_refined_schedule_with_warmup": "llm_refine.schedules",
+    "lambda_lr": "llm_refine.lr_schedulers",
+    "use_schedule": "llm_refine.lr_schedulers",
+    "get_refined_schedule_with_warmup": "llm_refine.lr_schedulers",
     "LinearSchedule": "llm_refine.schedules",
     "CosineSchedule": "llm_refine.schedules",
     "PolynomialSchedule": "llm_refine.schedules",

@@ -39,3 +39,18 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     root.setLevel(level)
     root.propagate = False
     return root
+
+
+class stdout_logging:
+    """``with stdout_logging():`` — llm-refine's INFO lines on stdout for the block only (entry
+    points called in-process, e.g. by tests, leave the logging setup as they found it)."""
+
+    def __enter__(self):
+        root = logging.getLogger("llm_refine")
+        self._saved = (list(root.handlers), root.level, root.propagate)
+        return setup_logging()
+
+    def __exit__(self, *exc):
+        root = logging.getLogger("llm_refine")
+        root.handlers[:], root.level, root.propagate = self._saved[0], self._saved[1], self._saved[2]
+        return False

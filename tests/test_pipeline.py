@@ -37,8 +37,19 @@ def fake_recipe(**kw) -> dict:
     return raw
 
 
-def overrides_dict(overrides: list[str]) -> dict:
-    return dict(o.split("=", 1) for o in overrides)
+def flat(config) -> dict:
+    """A run's resolved config as dotted keys (``train.seed``, ``schedule.name``, ...)."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(config.to_dict(), "")
+    return out
 
 
 def save_checkpoint(run_dir: Path, step: int) -> Path:
@@ -62,22 +73,22 @@ class FakeLauncher:
         self.fail = set(fail)
         self.resumed_from: dict[str, str | None] = {}
 
-    def train(self, stage, base_config_path, recipe):
+    def train(self, stage):
         self.calls.append(stage.id)
         rd = Path(stage.run_dir)
-        ov = overrides_dict(stage.overrides)
+        ov = flat(stage.config)
         assert ov["output_dir"] == str(rd)
+        # what the pipeline wrote for the run to train from is the stage's resolved config
+        assert json.loads((rd / "run_config.json").read_text()) == stage.config.to_dict()
         if stage.id in self.fail:
             raise RuntimeError("boom")
         ckpts = sorted(rd.glob("checkpoint-*"))
         self.resumed_from[stage.id] = ckpts[-1].name if ckpts else None
-        steps = int(recipe.pretrain["train"]["max_steps"])
+        steps = stage.config.train.max_steps
         sched = {k.split(".", 1)[1]: v for k, v in ov.items() if k.startswith("schedule.")}
         if sched["name"] == "refined":
             assert Path(sched["file"]).exists()
-        config = {"model": {"size": ov["model.size"]}, "train": {"seed": int(ov["train.seed"]), "max_steps": steps,
-                  "learning_rate": float(ov.get("train.learning_rate", 1e-3))}, "schedule": sched, "data": {"source": "embedded"}}
-        (rd / "config.json").write_text(json.dumps(config))
+        (rd / "run_config.json").write_text(json.dumps(stage.config.to_dict()))  # as run_pretrain does
         rng = np.random.default_rng(int(ov["train.seed"]))
         norms = 3 + np.exp(-np.arange(steps) / 10) + rng.uniform(0, 0.1, steps)
         write_history(rd / "gradnorms.jsonl", [{"step": i, "l1": float(n), "l2": float(n) / 10} for i, n in enumerate(norms)])
@@ -130,15 +141,15 @@ def test_plan_order_dirs_and_dependencies(tmp_path):
     # Refined from the baseline at lr×1 (in the grid) and the first seed.
     assert by["cpu-0.5m/refine"].deps == ["cpu-0.5m/linear-lr1-seed0"]
     assert by["cpu-0.5m/refined-lr1-seed1"].deps == ["cpu-0.5m/refine"]
-    ov = overrides_dict(by["cpu-0.5m/refined-lr0.5-seed1"].overrides)
+    ov = flat(by["cpu-0.5m/refined-lr0.5-seed1"].config)
     assert ov["schedule.file"] == str(tmp_path.resolve() / "cpu-0.5m" / "refined_schedule.json")
-    assert ov["train.seed"] == "1" and float(ov["train.learning_rate"]) == pytest.approx(5e-4)
-    assert "schedule.warmup_steps" not in ov  # refined: used as computed (refine.warmup: false)
-    lin = overrides_dict(by["cpu-0.5m/linear-lr1-seed1"].overrides)
-    assert lin["schedule.name"] == "linear" and lin["schedule.warmup_steps"] == "4"
-    assert "train.learning_rate" not in lin  # lr×1: the recipe's own LR
-    # Same seed => same overrides apart from the schedule (fair comparison).
-    cos = overrides_dict(by["cpu-0.5m/cosine-lr1-seed1"].overrides)
+    assert ov["train.seed"] == 1 and ov["train.learning_rate"] == pytest.approx(5e-4)
+    assert ov["schedule.warmup_steps"] == 0  # refined: used as computed (refine.warmup: false)
+    lin = flat(by["cpu-0.5m/linear-lr1-seed1"].config)
+    assert lin["schedule.name"] == "linear" and lin["schedule.warmup_steps"] == 4
+    assert lin["train.learning_rate"] == 1e-3  # lr×1: the recipe's own LR
+    # Same seed => same config apart from the schedule (fair comparison).
+    cos = flat(by["cpu-0.5m/cosine-lr1-seed1"].config)
     strip = lambda d: {k: v for k, v in d.items() if not k.startswith("schedule.") and k != "output_dir"}  # noqa: E731
     assert strip(cos) == strip(lin)
 
@@ -320,7 +331,13 @@ def test_emit_slurm_scripts_are_valid_and_chained(tmp_path, monkeypatch):
     train = (submit.parent / baseline).read_text()
     assert "#SBATCH --nodes=2" in train and "#SBATCH --gpus-per-node=8" in train and "#SBATCH --partition=gpu" in train
     assert "srun --ntasks-per-node=1 bash -c" in train and "--machine_rank" in train and "--num_processes" in train
-    assert "--set model.size=cpu-0.5m train.seed=0 schedule.warmup_steps=4 schedule.name=linear'" in train and "source venv/bin/activate" in train
+    cfg_file = tmp_path / "out" / "cpu-0.5m" / "linear-seed0" / "run_config.json"
+    assert f"-m llm_refine.train {cfg_file}'" in train and "source venv/bin/activate" in train
+    # the job trains from the resolved config the emit wrote, not from command-line strings
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["model"]["size"] == "cpu-0.5m" and cfg["train"]["seed"] == 0 and cfg["schedule"] == {
+        "name": "linear", "warmup_steps": 4, "warmup_ratio": 0.0, "min_ratio": 0.0}
+    assert "--set" not in train
     ref = (submit.parent / refine).read_text()
     assert "#SBATCH --nodes=1" in ref
     assert f"llm-refine pipeline {recipe_path} --out {tmp_path / 'out'} --stage cpu-0.5m/refine" in ref
@@ -374,10 +391,10 @@ def test_user_error_in_a_stage_fails_that_stage_only(tmp_path):
     from llm_refine.errors import UserError as UE
 
     class Bad(FakeLauncher):
-        def train(self, stage, base_config_path, recipe):
+        def train(self, stage):
             if stage.id == "cpu-2m/cosine":
                 raise UE("cosine: something the user must fix")
-            return super().train(stage, base_config_path, recipe)
+            return super().train(stage)
 
     pipe, lines = make_pipeline(tmp_path, Bad())
     assert pipe.run() == 1
@@ -394,9 +411,9 @@ def test_lr_sweep_and_seeds_through_the_pipeline(tmp_path):
                       size_overrides={"cpu-0.5m": ["train.learning_rate=0.002"]})
     recipe = parse_recipe(raw, check_pretrain=False)
     by = {s.id: s for s in plan(recipe, tmp_path)}
-    ov = overrides_dict(by["cpu-0.5m/cosine-lr0.5-seed1"].overrides)
-    assert float(ov["train.learning_rate"]) == pytest.approx(1e-3)  # 0.5 × the size's own LR
-    assert float(overrides_dict(by["cpu-0.5m/cosine-lr1-seed1"].overrides)["train.learning_rate"]) == 0.002
+    ov = flat(by["cpu-0.5m/cosine-lr0.5-seed1"].config)
+    assert ov["train.learning_rate"] == pytest.approx(1e-3)  # 0.5 × the size's own LR
+    assert flat(by["cpu-0.5m/cosine-lr1-seed1"].config)["train.learning_rate"] == 0.002
     pipe = Pipeline(recipe, tmp_path / "out", FakeLauncher(), print_fn=lambda s: None, evaluate_fn=fake_eval)
     assert pipe.run() == 0
     md = (tmp_path / "out" / "report.md").read_text()
@@ -457,7 +474,7 @@ class ParallelFake(FakeLauncher):
         self.max_active = 0
         self.order: list[tuple[str, str]] = []
 
-    def start(self, stage, base_config_path, recipe, prefix=None):
+    def start(self, stage, prefix=None):
         assert prefix == f"[{stage.id}]"
 
         def fn():
@@ -469,7 +486,7 @@ class ParallelFake(FakeLauncher):
                 self.order.append(("start", stage.id))
             time.sleep(0.15)
             try:
-                self.train(stage, base_config_path, recipe)
+                self.train(stage)
             finally:
                 with self.lock:
                     self.active -= 1
@@ -503,9 +520,8 @@ def test_python_launcher_command(tmp_path):
 
     recipe = parse_recipe(fake_recipe(), check_pretrain=False)
     st = next(s for s in plan(recipe, tmp_path) if s.id == "cpu-2m/cosine")
-    cmd = PythonLauncher().command(st, tmp_path / "base.yaml")
-    assert cmd[1] == "-c" and "run_pretrain(load_pretrain_config(sys.argv[1], sys.argv[2:]))" in cmd[2]
-    assert cmd[3:] == [str(tmp_path / "base.yaml"), *st.overrides]
+    cmd = PythonLauncher().command(st)
+    assert cmd[1:] == ["-m", "llm_refine.train", str(st.run_dir / "run_config.json")]
     assert isinstance(make_launcher(recipe, jobs=2), PythonLauncher)
     with pytest.raises(UserError, match="--jobs must be at least 1"):
         Pipeline(recipe, tmp_path / "o", FakeLauncher()).run(jobs=0)
@@ -547,3 +563,37 @@ def test_child_run_prefixes_output_and_reports_failure(capfd):
     assert bad.wait() == 3
     with pytest.raises(RuntimeError, match="exited with status 3"):
         bad.check()
+
+
+def test_re_refining_the_same_history_does_not_make_the_refined_run_stale(tmp_path):
+    """The refined run's marker holds a digest of the schedule's multipliers, not of the file (whose
+    provenance has a creation time): deleting refined_schedule.json and rerunning re-refines the
+    same multipliers and keeps the finished refined run; a changed schedule is still refused."""
+    pipe, _ = make_pipeline(tmp_path)
+    assert pipe.run() == 0
+    f = tmp_path / "out" / "cpu-0.5m" / "refined_schedule.json"
+    f.unlink()
+    pipe2, lines = make_pipeline(tmp_path)
+    assert pipe2.run() == 0
+    st = states(lines)
+    assert st["cpu-0.5m/refine"] == ["running", "done"] and st["cpu-0.5m/refined"] == ["skipped"]
+    art = json.loads(f.read_text())
+    art["multipliers"] = [m * 0.5 for m in art["multipliers"]]
+    f.write_text(json.dumps(art))
+    pipe3, _ = make_pipeline(tmp_path)
+    with pytest.raises(UserError, match="was trained with an older refined_schedule.json"):
+        pipe3.run()
+
+
+def test_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from llm_refine.cli import main
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(fake_recipe()))
+    f = tmp_path / "out.txt"
+    f.write_text("keep me")
+    assert main(["pipeline", str(tmp_path / "r.yaml"), "--out", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists and is not a directory" in err
+    assert f.read_text() == "keep me"

@@ -12,7 +12,8 @@ import pytest
 import _pretrain_common  # noqa: F401  (points LLM_REFINE_CACHE at the session's test cache)
 from llm_refine.fileio import sha256_file
 from llm_refine.history import read_jsonl
-from llm_refine.pipeline.runner import InProcessLauncher, Pipeline
+from llm_refine.pipeline import Pipeline
+from llm_refine.pipeline.launchers import InProcessLauncher
 from llm_refine.pipeline.recipe import parse_recipe
 
 STEPS = 24
@@ -143,13 +144,14 @@ def test_pipeline_end_to_end_with_interrupt_and_resume(tmp_path):
 
 @pytest.mark.distributed  # `accelerate launch` starts a training subprocess
 def test_accelerate_launcher_runs_a_stage(tmp_path, monkeypatch):
-    """One stage through `accelerate launch --config_file launch/single_cpu.yaml recipes/pretrain.py`."""
+    """One stage through `accelerate launch --config_file launch/single_cpu.yaml -m llm_refine.train
+    <run_dir>/run_config.json`, from a directory outside the repository (the packaged entry point)."""
     import argparse
 
-    from llm_refine.pipeline.runner import add_pipeline_arguments, main_pipeline
+    from llm_refine.pipeline import add_pipeline_arguments, main_pipeline
 
     repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo)  # the launcher runs recipes/pretrain.py from the repository root
+    monkeypatch.chdir(tmp_path)  # no checkout path is needed: the launcher runs `-m llm_refine.train`
     raw = dict(RECIPE, sizes=["cpu-0.5m"])
     raw["pretrain"] = {**RECIPE["pretrain"], "train": {**RECIPE["pretrain"]["train"], "max_steps": 12}}
     f = tmp_path / "r.yaml"
@@ -158,7 +160,7 @@ def test_accelerate_launcher_runs_a_stage(tmp_path, monkeypatch):
     f.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     args = add_pipeline_arguments(argparse.ArgumentParser()).parse_args(
-        [str(f), "--out", str(out), "--launch-config", "launch/single_cpu.yaml", "--stage", "cpu-0.5m/linear"]
+        [str(f), "--out", str(out), "--launch-config", str(repo / "launch" / "single_cpu.yaml"), "--stage", "cpu-0.5m/linear"]
     )
     assert main_pipeline(args) == 0
     rd = out / "cpu-0.5m" / "linear"

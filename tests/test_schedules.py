@@ -6,13 +6,13 @@ import torch
 
 from llm_refine.artifact import make_schedule_artifact, write_schedule
 from llm_refine.errors import UserError
+from llm_refine.lr_schedulers import lambda_lr
 from llm_refine.schedules import (
     SCHEDULES as SCHEDULE_NAMES,
     ScheduleConfig,
     constant,
     cosine,
     inverse_sqrt,
-    lambda_lr,
     linear_decay,
     make_schedule,
     polynomial,
@@ -202,7 +202,7 @@ def test_schedule_config_round_trips_and_builds_the_same_function():
 
 
 def test_transformers_style_factory(tmp_path):
-    from llm_refine.schedules import get_refined_schedule_with_warmup
+    from llm_refine.lr_schedulers import get_refined_schedule_with_warmup
 
     p = _write_refined(tmp_path, [0.2, 1.0, 0.5, 0.0])
     param = torch.nn.Parameter(torch.zeros(1))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .launchers import make_launcher
+from .launchers import InProcessLauncher, make_launcher
 from .recipe import LAUNCHERS, load_recipe
 from .runner import Pipeline
 from .slurm import emit_slurm
@@ -58,8 +58,24 @@ def _quiet_progress_bars() -> None:
 
 
 def main_pipeline(args: argparse.Namespace) -> int:
+    from ..logsetup import stdout_logging
+
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / recipe.name
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory; pass a directory (new or a previous pipeline output)")
+    with stdout_logging():
+        return _run(args, recipe, out)
+
+
+def _set_threads(stage) -> None:
+    """In-process runs: the thread count each run's config asks for (entry points own it)."""
+    from ..train.pretrain import set_threads
+
+    set_threads(stage.config.train)
+
+
+def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     launcher_name = getattr(args, "launcher", None)
     launch_config = getattr(args, "launch_config", None)
     if launch_config and (launcher_name or recipe.launch.launcher) != "accelerate":
@@ -74,6 +90,8 @@ def main_pipeline(args: argparse.Namespace) -> int:
     jobs = int(getattr(args, "jobs", 1) or 1)
     _quiet_progress_bars()
     pipe.launcher = make_launcher(recipe, launcher_name, launch_config, jobs=jobs)
+    if isinstance(pipe.launcher, InProcessLauncher):
+        pipe.launcher.before_run = _set_threads
     return pipe.run(only=getattr(args, "stage", None), jobs=jobs)
 
 

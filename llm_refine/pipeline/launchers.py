@@ -2,8 +2,8 @@
 ``accelerate launch``. Each takes its arguments from `plan.train_args` (via
 ``stage.launch_args``) and only formats them for its entry point's command line.
 
-A launcher has ``train(stage, base_config_path, recipe)`` (run to the end) and, for ``--jobs N``,
-``start(stage, base_config_path, recipe, prefix=...)`` returning a handle with ``poll()``,
+A launcher has ``train(stage)`` (run to the end) and, for ``--jobs N``,
+``start(stage, prefix=...)`` returning a handle with ``poll()``,
 ``check()`` and ``terminate()`` (`ChildRun`).
 """
 
@@ -33,7 +33,7 @@ def child_env() -> dict[str, str]:
 
 
 class Launcher(Protocol):
-    def train(self, stage: TrainStage, base_config_path: Path, recipe: Recipe) -> None: ...
+    def train(self, stage: TrainStage) -> None: ...
 
 
 class InProcessLauncher:
@@ -43,17 +43,30 @@ class InProcessLauncher:
     interrupt a run mid-stage).
     """
 
-    def __init__(self, callbacks_for: Callable[[TrainStage], list] | None = None):
+    def __init__(self, callbacks_for: Callable[[TrainStage], list] | None = None,
+                 before_run: Callable[[TrainStage], None] | None = None):
         self.callbacks_for = callbacks_for
+        self.before_run = before_run  # the CLI sets the thread count here (entry points own it)
 
-    def train(self, stage: TrainStage, base_config_path: Path, recipe: Recipe) -> None:
+    def train(self, stage: TrainStage) -> None:
         from ..train.config import load_pretrain_config
         from ..train.pretrain import run_pretrain
 
-        args = stage.launch_args(base_config_path)
-        config = load_pretrain_config(args.config, args.all_overrides())
+        # The file the stage wrote: what every launcher runs, so in-process runs are no different.
+        config = load_pretrain_config(stage.launch_args().config)
+        if self.before_run is not None:
+            self.before_run(stage)
         callbacks = list(self.callbacks_for(stage)) if self.callbacks_for else []
         run_pretrain(config, callbacks=callbacks)
+
+
+ENTRY_MODULE = "llm_refine.train"  # the packaged training entry point (python -m / accelerate launch -m)
+
+
+def entry_point(script: str | None) -> list[str]:
+    """How a launcher names the training entry point: ``-m llm_refine.train`` (works from any
+    directory with the package installed), or the recipe's own ``launch.script``."""
+    return ["-m", ENTRY_MODULE] if script is None else [script]
 
 
 class ChildRun:
@@ -108,16 +121,16 @@ class ChildRun:
 
 
 class _SubprocessLauncher:
-    def command(self, stage: TrainStage, base_config_path: Path) -> list[str]:
+    def command(self, stage: TrainStage) -> list[str]:
         raise NotImplementedError
 
-    def start(self, stage: TrainStage, base_config_path: Path, recipe: Recipe, prefix: str | None = None) -> ChildRun:
-        cmd = self.command(stage, base_config_path)
+    def start(self, stage: TrainStage, prefix: str | None = None) -> ChildRun:
+        cmd = self.command(stage)
         logger.debug("%s: %s", stage.id, shlex.join(cmd))
         return ChildRun(cmd, prefix, env=child_env())
 
-    def train(self, stage: TrainStage, base_config_path: Path, recipe: Recipe) -> None:
-        run = self.start(stage, base_config_path, recipe)
+    def train(self, stage: TrainStage) -> None:
+        run = self.start(stage)
         try:
             run.wait()
         except KeyboardInterrupt:
@@ -127,35 +140,27 @@ class _SubprocessLauncher:
 
 
 class PythonLauncher(_SubprocessLauncher):
-    """Each training in a fresh ``python`` process running `run_pretrain` (what ``--jobs N`` uses
-    for the in-process launcher: runs in parallel need processes of their own)."""
+    """Each training in a fresh ``python -m llm_refine.train <run_dir>/run_config.json`` (what
+    ``--jobs N`` uses for the in-process launcher: runs in parallel need processes of their own)."""
 
-    CHILD = (
-        "import sys; from llm_refine.train.pretrain import load_pretrain_config, run_pretrain; "
-        "run_pretrain(load_pretrain_config(sys.argv[1], sys.argv[2:]))"
-    )
-
-    def command(self, stage: TrainStage, base_config_path: Path) -> list[str]:
-        args = stage.launch_args(base_config_path)
-        return [sys.executable, "-c", self.CHILD, str(args.config), *args.all_overrides()]
+    def command(self, stage: TrainStage) -> list[str]:
+        return [sys.executable, "-m", ENTRY_MODULE, str(stage.launch_args().config)]
 
 
 class AccelerateLauncher(_SubprocessLauncher):
-    """``accelerate launch --config_file CONFIG recipes/pretrain.py BASE --output_dir D --set ...``."""
+    """``accelerate launch --config_file CONFIG -m llm_refine.train <run_dir>/run_config.json``
+    (or ``launch.script`` instead of ``-m llm_refine.train`` when the recipe names a script)."""
 
-    def __init__(self, config: str | None, script: str = "recipes/pretrain.py", extra_args: list[str] | None = None):
+    def __init__(self, config: str | None, script: str | None = None, extra_args: list[str] | None = None):
         self.config = config
         self.script = script
         self.extra_args = list(extra_args or [])
 
-    def command(self, stage: TrainStage, base_config_path: Path) -> list[str]:
-        args = stage.launch_args(base_config_path)
+    def command(self, stage: TrainStage) -> list[str]:
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if self.config:
             cmd += ["--config_file", self.config]
-        cmd += [*self.extra_args, self.script, str(args.config), "--output_dir", str(args.output_dir)]
-        # One --set followed by every override (the script's --set takes a list).
-        return cmd + (["--set", *args.overrides] if args.overrides else [])
+        return cmd + [*self.extra_args, *entry_point(self.script), str(stage.launch_args().config)]
 
 
 def make_launcher(
@@ -169,8 +174,9 @@ def make_launcher(
     cfg = launch_config or recipe.launch.config
     if cfg is not None and not Path(cfg).exists():
         raise UserError(f"{cfg}: no such accelerate config; pass one of the launch/*.yaml files with --launch-config")
-    if not Path(recipe.launch.script).exists():
-        raise UserError(f"{recipe.launch.script}: training script not found; run from the repository root or set launch.script")
+    if recipe.launch.script is not None and not Path(recipe.launch.script).exists():
+        raise UserError(f"{recipe.launch.script}: training script not found; fix launch.script or remove it "
+                        f"(the default runs the installed `-m {ENTRY_MODULE}`)")
     if jobs > 1:
         _check_parallel_accelerate(cfg, recipe.launch.extra_args, jobs)
     return AccelerateLauncher(cfg, recipe.launch.script, recipe.launch.extra_args)
@@ -219,4 +225,4 @@ def _check_parallel_accelerate(config: str | None, extra_args: list[str], jobs: 
         )
 
 
-__all__ = ["Launcher", "InProcessLauncher", "ChildRun", "PythonLauncher", "AccelerateLauncher", "make_launcher", "child_env"]
+__all__ = ["ENTRY_MODULE", "entry_point", "Launcher", "InProcessLauncher", "ChildRun", "PythonLauncher", "AccelerateLauncher", "make_launcher", "child_env"]

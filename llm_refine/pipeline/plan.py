@@ -3,13 +3,12 @@
 Everything that turns a recipe into what a run is configured with lives here, one function per
 stage kind (marked ``# --- configuration: <kind>``):
 
-- `train_stage_config` — the dotted ``key=value`` overrides of one training run and its spec (what
-  the config hash covers), built from `base_overrides`;
+- `train_stage_config` — the resolved `PretrainConfig` of one training run (`Recipe.run_config`)
+  and its spec (what the config hash covers);
 - `refine_stage_config` — the refine stage's spec;
-- `train_args` — **the one function** that says what a training entry point is launched with
-  (config file, output dir, overrides). `launchers.py` and `slurm.py` only format its answer for
-  their command lines, so changing the configuration mechanism (a resolved config written to
-  ``<run_dir>/run_config.json`` instead of ``--set`` strings) changes this module only.
+- `train_args` — **the one function** that says what a training entry point is launched with:
+  ``<run_dir>/run_config.json``, the resolved config the pipeline writes before the launch.
+  `launchers.py` and `slurm.py` only format its answer for their command lines.
 
 `plan` lists the stages in dependency order. Stage *classes* (state, execute, detail) are in
 `stages.py`, which sits above this module: they register themselves here by their ``kind``
@@ -20,21 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ..train.rundir import REFINED_FILE
+from ..train.config import PretrainConfig
+from ..train.rundir import REFINED_FILE, RUN_CONFIG
 from .recipe import BASELINE, REFINED, Recipe
-
-# Dotted keys of `llm_refine.train.config.PretrainConfig` that the pipeline sets for each run.
-KEY_SIZE = "model.size"
-KEY_SEED = "train.seed"
-KEY_LR = "train.learning_rate"
-KEY_OUTPUT = "output_dir"
-
-BASE_CONFIG = "pretrain_base.yaml"  # in <out>: the recipe's pretrain section, the base of every run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,95 +65,36 @@ def _make(kind: str, **fields) -> Stage:
 
 
 # ---------------------------------------------------------------------------------------------
-# --- configuration: train (the dotted key=value overrides; the lead replaces this block)
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, float):
-        return repr(v)
-    return str(v)
-
-
-def _lookup(d: dict, dotted: str):
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def base_learning_rate(recipe: Recipe, size: str) -> float:
-    """The size's peak LR before the sweep multiplier: its override, the recipe's, or the default."""
-    for ov in reversed(recipe.size_overrides.get(size, [])):
-        k, _, v = ov.partition("=")
-        if k.strip() == KEY_LR:
-            return float(v)
-    v = _lookup(recipe.pretrain, KEY_LR)
-    if v is not None:
-        return float(v)
-    import copy
-
-    from ..train.config import load_pretrain_config
-
-    cfg = load_pretrain_config(copy.deepcopy(recipe.pretrain), [f"{KEY_SIZE}={size}"])
-    return float(cfg.train.learning_rate)
-
-
-def base_overrides(
-    recipe: Recipe, size: str, seed: int, lr_multiplier: float, label: str, run_dir, refined_file=None
-) -> list[str]:
-    """The dotted overrides that turn the recipe's base pretrain config into one run's config."""
-    ov = [f"{KEY_SIZE}={size}", *recipe.size_overrides.get(size, []), f"{KEY_SEED}={seed}"]
-    if not math.isclose(lr_multiplier, 1.0):
-        base = base_learning_rate(recipe, size)
-        ov.append(f"{KEY_LR}={_fmt_value(base * lr_multiplier)}")
-    for k, v in recipe.schedule_config(label, refined_file=str(refined_file) if refined_file else None).items():
-        ov.append(f"schedule.{k}={_fmt_value(v)}")
-    ov.append(f"{KEY_OUTPUT}={run_dir}")
-    return ov
+# --- configuration: train
 
 
 def train_stage_config(
     recipe: Recipe, size: str, seed: int, lr_multiplier: float, label: str, run_dir: Path,
     refined_file: Path | None, refine_spec: dict | None,
-) -> tuple[list[str], dict]:
-    """(overrides, spec) of one training run. The spec is the base pretrain config and the
-    overrides without the output dir (plus, for refined runs, the refine stage's spec): its hash
-    decides skip / resume / refuse on a rerun, so it must not change for an unchanged recipe."""
-    ov = base_overrides(recipe, size, seed, lr_multiplier, label, run_dir, refined_file)
-    spec: dict = {"pretrain": recipe.pretrain, "overrides": [o for o in ov if not o.startswith(f"{KEY_OUTPUT}=")]}
+) -> tuple[PretrainConfig, dict]:
+    """(config, spec) of one training run: its resolved, validated `PretrainConfig`, and the spec
+    whose hash decides skip / resume / refuse on a rerun (the config without its output dir, plus
+    the refine stage's spec for refined runs)."""
+    config = recipe.run_config(size, seed, lr_multiplier, label, run_dir, refined_file)
+    spec: dict = {"config": {k: v for k, v in config.to_dict().items() if k != "output_dir"}}
     if refine_spec is not None:
         spec["refine"] = refine_spec
-    return ov, spec
+    return config, spec
 
 
 @dataclass(frozen=True)
 class TrainArgs:
-    """What a training entry point is launched with: a config file, the run's output dir, and
-    dotted overrides on top of the file (``output_dir`` not among them)."""
+    """What a training entry point is launched with: the run's config file (the resolved config,
+    written by the pipeline before the launch) and its output dir."""
 
     config: Path
     output_dir: Path
-    overrides: tuple[str, ...] = ()
-
-    def all_overrides(self) -> list[str]:
-        """The overrides with ``output_dir=...`` last, for entry points that take no --output_dir."""
-        return [*self.overrides, f"{KEY_OUTPUT}={self.output_dir}"]
 
 
-def train_args(stage, base_config_path: Path) -> TrainArgs:
-    """THE launch arguments of a training stage, for every launcher and the SLURM scripts.
-
-    Today: the shared base config (``<out>/pretrain_base.yaml``) plus the stage's ``key=value``
-    overrides. With resolved configs this returns ``<run_dir>/run_config.json`` and no overrides.
-    """
-    sets = tuple(o for o in stage.overrides if not o.startswith(f"{KEY_OUTPUT}="))
-    return TrainArgs(config=Path(base_config_path), output_dir=Path(stage.run_dir), overrides=sets)
+def train_args(stage) -> TrainArgs:
+    """THE launch arguments of a training stage, for every launcher and the SLURM scripts:
+    ``<run_dir>/run_config.json``, a file the run can also be re-run from by hand."""
+    return TrainArgs(config=Path(stage.run_dir) / RUN_CONFIG, output_dir=Path(stage.run_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +144,12 @@ def plan(recipe: Recipe, out: Path) -> list[Stage]:
             for lrm in recipe.lr_multipliers:
                 for seed in recipe.seeds:
                     rd = size_dir / run_dir_name(recipe, sched.label, lrm, seed)
-                    ov, spec = train_stage_config(recipe, size, seed, lrm, sched.label, rd,
+                    config, spec = train_stage_config(recipe, size, seed, lrm, sched.label, rd,
                                                   refined_file if is_refined else None,
                                                   refine.spec if is_refined else None)
                     st = _make("train", id=f"{size}/{rd.name}", deps=[refine.id] if is_refined else [], size=size,
                                run_dir=rd, spec=spec, schedule=sched.label, schedule_name=sched.name, seed=seed,
-                               lr_multiplier=lrm, overrides=ov)
+                               lr_multiplier=lrm, config=config)
                     stages.append(st)
                     train_ids.append(st.id)
         if recipe.evaluate:
@@ -230,6 +162,5 @@ def plan(recipe: Recipe, out: Path) -> list[Stage]:
 
 
 __all__ = [
-    "KEY_SIZE", "KEY_SEED", "KEY_LR", "KEY_OUTPUT", "BASE_CONFIG", "Stage", "TrainArgs", "train_args",
-    "train_stage_config", "refine_stage_config", "base_overrides", "base_learning_rate", "run_dir_name", "plan",
+    "Stage", "TrainArgs", "train_args", "train_stage_config", "refine_stage_config", "run_dir_name", "plan",
 ]

@@ -60,7 +60,7 @@ class SharedScheduleOptions(Config):
 class LaunchSettings(Config):
     launcher: Literal["inprocess", "accelerate"] = option("inprocess", doc="train in this process, or `accelerate launch` each run")
     config: str | None = option(None, doc="accelerate config for --config_file, e.g. launch/ddp.yaml")
-    script: str = option("recipes/pretrain.py", doc="training script `accelerate launch` runs")
+    script: str | None = option(None, doc="training script to launch instead of the packaged `-m llm_refine.train`")
     extra_args: list[str] = option(default_factory=list, doc="extra `accelerate launch` arguments, as a YAML list")
 
 
@@ -135,11 +135,6 @@ class Recipe:
         if s.name == REFINED:
             cfg["file"] = refined_file
         return cfg
-
-    @property
-    def size_overrides(self) -> dict[str, list[str]]:
-        """The size overrides as dotted ``key=value`` strings (transitional: for plan.py)."""
-        return {size: _flatten(ov) for size, ov in self.size_override_map.items()}
 
     def base_config(self, size: str) -> dict:
         """The pretraining mapping every run of ``size`` starts from (before seed, LR and schedule)."""
@@ -253,16 +248,6 @@ def _parse_size_overrides(raw: Any, sizes: list[str]) -> dict[str, dict]:
             raise _err(key, f"{ov!r} is not a mapping or a list of key=value overrides")
         _refuse_pipeline_keys(ov, key)
         out[size] = ov
-    return out
-
-
-def _flatten(d: Mapping, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={_yaml_scalar(v)}")
     return out
 
 

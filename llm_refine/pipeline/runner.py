@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from .launchers import AccelerateLauncher, ChildRun, InProcessLauncher, Launcher, PythonLauncher, make_launcher  # noqa: F401
-from .plan import BASE_CONFIG, Stage, plan
+from .plan import Stage, plan
 from .recipe import Recipe
 from .stages import (
     BLOCKED, DONE, FAILED, INTERRUPTED, SKIPPED, PipelineStage, evaluate_run, now, refine_baseline,
@@ -83,10 +83,6 @@ class Pipeline:
         self.evaluate_fn = evaluate_fn
         self.refine_fn = refine_fn
         self.state = StateFile(self.out, recipe, self.by_id)
-
-    @property
-    def base_config_path(self) -> Path:
-        return self.out / BASE_CONFIG
 
     def write_inputs(self) -> None:
         write_inputs(self.out, self.recipe)
@@ -240,20 +236,6 @@ class Pipeline:
     def _done(self, i, stage, t0, detail: str) -> None:
         self.state.set(stage, DONE, wall_s=round(time.time() - t0, 2), finished=now())
         self.line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
-
-
-_MOVED = {"add_pipeline_arguments": "cli", "main_pipeline": "cli", "emit_slurm": "slurm"}
-
-
-def __getattr__(name: str):
-    # Transitional aliases for callers of the old single-module runner: these moved to modules
-    # above this one (pipeline.cli, pipeline.slurm), so they are looked up on first use and this
-    # module never imports those layers itself. New code imports them from `llm_refine.pipeline`.
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Pipeline"]

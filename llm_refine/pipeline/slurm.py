@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..train.rundir import RECIPE_COPY
+from .launchers import entry_point
 from .plan import TrainArgs
 from .recipe import Recipe
 from .runner import Pipeline
@@ -47,9 +48,7 @@ def _sbatch_header(recipe: Recipe, job: str, log_dir: Path, *, nodes: int, gpus:
 def _train_lines(recipe: Recipe, args: TrainArgs, use_accel: bool, cfg: str | None) -> list[str]:
     """The body of a training job: the training script with the stage's launch arguments."""
     s = recipe.slurm
-    sets = "--set " + " ".join(shlex.quote(o) for o in args.overrides)
-    tail = (f"{shlex.quote(recipe.launch.script)} {shlex.quote(str(args.config))} "
-            f"--output_dir {shlex.quote(str(args.output_dir))} {sets}")
+    tail = " ".join(shlex.quote(a) for a in [*entry_point(recipe.launch.script), str(args.config)])
     if not use_accel:
         return [f"python {tail}"]
     inner = "accelerate launch"
@@ -76,10 +75,12 @@ def _job_script(pipeline: Pipeline, stage: PipelineStage, job: str, log_dir: Pat
     nodes, gpus = stage.slurm_resources(s.nodes, s.gpus_per_node)
     lines = _sbatch_header(recipe, job, log_dir, nodes=nodes, gpus=gpus)
     lines += ["", "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd().resolve()))}", *s.setup]
-    args = stage.launch_args(pipeline.base_config_path)
+    args = stage.launch_args()
     if args is not None:
-        # The marker lets a later in-process `llm-refine pipeline` on this --out recognise the run.
+        # The marker lets a later in-process `llm-refine pipeline` on this --out recognise the run;
+        # the job trains from the resolved config written here.
         stage.write_marker({"emitted": now()})
+        stage.write_config()
         lines += _train_lines(recipe, args, use_accel, cfg)
     else:
         lines.append(

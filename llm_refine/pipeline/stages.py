@@ -21,7 +21,8 @@ from typing import Any, Callable, ClassVar, Protocol
 
 from ..errors import UserError
 from ..fileio import atomic_write_json, read_json, sha256_file
-from ..train.rundir import EVAL_FILE, GRADNORMS, REFINED_FILE, STAGE_MARKER, SUMMARY, final_checkpoint, latest_checkpoint
+from ..train.config import PretrainConfig
+from ..train.rundir import EVAL_FILE, GRADNORMS, REFINED_FILE, RUN_CONFIG, STAGE_MARKER, SUMMARY, final_checkpoint, latest_checkpoint
 from .plan import Stage, TrainArgs, train_args
 from .recipe import REFINED, Recipe
 
@@ -31,6 +32,19 @@ logger = logging.getLogger(__name__)
 SKIPPED, RESUMED, RUNNING, DONE, FAILED, BLOCKED, INTERRUPTED, EMITTED = (
     "skipped", "resumed", "running", "done", "failed", "blocked", "interrupted", "emitted",
 )
+
+
+def schedule_digest(path: Path) -> str:
+    """sha256 of what in a schedule file determines training: its multipliers. Not of the file,
+    whose provenance carries a creation time: re-refining the same history gives the same digest,
+    so a refined run is not refused as stale for a schedule that did not change."""
+    import hashlib
+    import json
+
+    from ..artifact import read_schedule
+
+    mult = [float(x) for x in read_schedule(path)["multipliers"]]
+    return hashlib.sha256(json.dumps(mult).encode()).hexdigest()
 
 
 def now() -> str:
@@ -43,7 +57,6 @@ class StageContext(Protocol):
     recipe: Recipe
     out: Path
     launcher: Any  # a `launchers.Launcher`
-    base_config_path: Path
     refine_fn: Callable[..., dict]
     evaluate_fn: Callable[[Path], dict]
 
@@ -80,7 +93,7 @@ class PipelineStage(Stage):
 
     # -- SLURM
 
-    def launch_args(self, base_config_path: Path) -> TrainArgs | None:
+    def launch_args(self) -> TrainArgs | None:
         """A training entry point's arguments, or None: the stage runs as ``llm-refine pipeline --stage ID``."""
         return None
 
@@ -106,10 +119,18 @@ class TrainStage(PipelineStage):
     schedule_name: str | None = None
     seed: int | None = None
     lr_multiplier: float | None = None
-    overrides: list[str] = field(default_factory=list)  # dotted key=value (built by plan.py only)
+    config: PretrainConfig | None = None  # the run's resolved config (built by plan.py only)
 
-    def launch_args(self, base_config_path: Path) -> TrainArgs:
-        return train_args(self, base_config_path)
+    def launch_args(self) -> TrainArgs:
+        return train_args(self)
+
+    def write_config(self) -> Path:
+        """``<run_dir>/run_config.json``: the resolved config the run is launched with (and can be
+        re-run from by hand with ``python -m llm_refine.train <that file>``)."""
+        args = self.launch_args()
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.config, self.config.to_dict())
+        return args.config
 
     # -- the marker: what the pipeline launched in the run dir
 
@@ -117,7 +138,7 @@ class TrainStage(PipelineStage):
         return {
             "stage": self.id, "size": self.size, "schedule": self.schedule, "schedule_name": self.schedule_name,
             "seed": self.seed, "lr_multiplier": self.lr_multiplier, "spec_hash": self.spec_hash,
-            "overrides": self.overrides, **(extra or {}),
+            "config_file": RUN_CONFIG, **(extra or {}),
         }
 
     def write_marker(self, extra: dict | None = None) -> None:
@@ -146,7 +167,7 @@ class TrainStage(PipelineStage):
             raise UserError(f"{rd}: holds a run the pipeline did not start; delete it or pass a new --out")
         f = self.refined_file
         if f is not None and marker is not None and marker.get("schedule_sha256"):
-            if f.exists() and sha256_file(f) != marker["schedule_sha256"]:
+            if f.exists() and schedule_digest(f) != marker["schedule_sha256"]:
                 raise UserError(f"{rd}: was trained with an older {f.name}; delete the run dir to rerun it with the new one")
         if has_summary:
             return SKIPPED
@@ -174,17 +195,18 @@ class TrainStage(PipelineStage):
         if ctx.launcher is None:
             raise UserError("no launcher configured")
         f = self.refined_file
-        extra = {"schedule_sha256": sha256_file(f)} if f is not None and f.exists() else {}
+        extra = {"schedule_sha256": schedule_digest(f)} if f is not None and f.exists() else {}
         self.write_marker({**extra, "launched": now()})
+        self.write_config()
 
     def execute(self, ctx: StageContext) -> str:
         self._prepare(ctx)
-        ctx.launcher.train(self, ctx.base_config_path, ctx.recipe)
+        ctx.launcher.train(self)
         return self.finish()
 
     def start(self, ctx: StageContext, prefix: str | None):
         self._prepare(ctx)
-        return ctx.launcher.start(self, ctx.base_config_path, ctx.recipe, prefix=prefix)
+        return ctx.launcher.start(self, prefix=prefix)
 
     def finish(self) -> str:
         if not (self.run_dir / SUMMARY).exists():

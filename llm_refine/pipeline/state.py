@@ -1,6 +1,6 @@
 """The pipeline's state on disk: ``<out>/pipeline_state.json`` (every stage's state, start/end,
-wall time, error; merged with what other processes wrote, rewritten atomically), the inputs every
-run reads (``pretrain_base.yaml``, the recipe copy), and the ``<out>/.pipeline.lock`` flock.
+wall time, error; merged with what other processes wrote, rewritten atomically), the copy of the
+recipe (each run's own resolved config is its ``run_config.json``), and the ``<out>/.pipeline.lock`` flock.
 
 Each training stage's own marker (``pipeline_stage.json`` in its run dir) is written and read by
 `stages.TrainStage`, whose `state` decides skip / resume / refuse from it.
@@ -14,21 +14,16 @@ from pathlib import Path
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..train.rundir import LOCK_FILE, RECIPE_COPY, STATE_FILE
-from .plan import BASE_CONFIG, Stage
+from .plan import Stage
 from .recipe import Recipe
 from .stages import now
 
 
-def write_inputs(out: Path, recipe: Recipe) -> Path:
-    """``<out>/pretrain_base.yaml`` (the recipe's pretrain section) and a copy of the recipe; returns the former."""
-    import yaml
-
+def write_inputs(out: Path, recipe: Recipe) -> None:
+    """``<out>/recipe.yaml``: a copy of the recipe the output was made with."""
     out.mkdir(parents=True, exist_ok=True)
-    base = out / BASE_CONFIG
-    atomic_write_text(base, yaml.safe_dump(recipe.pretrain, sort_keys=False))
     if recipe.path:
         atomic_write_text(out / RECIPE_COPY, Path(recipe.path).read_text(encoding="utf-8"))
-    return base
 
 
 class StateFile:

@@ -32,16 +32,3 @@ def main_compare(args: argparse.Namespace) -> int:
     # The command's result line (CLI edge code, not a diagnostic).
     print(f"{len(runs)} runs -> {paths['markdown']}, {paths['html']}, {len(paths['plots'])} plots in {out / 'plots'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python eval/compare.py ...`` = ``llm-refine compare ...`` (same errors, same exit codes)."""
-    import sys
-
-    from ..cli import main as cli_main
-
-    return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -30,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..logsetup import setup_logging
+    from ..logsetup import stdout_logging
+
+    a = build_parser().parse_args(argv)
+    with stdout_logging():
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> int:
     from .config import load_pretrain_config
     from .pretrain import run_pretrain, set_threads, shutdown_distributed
 
-    a = build_parser().parse_args(argv)
-    setup_logging()
     overrides = list(a.set) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     ok = False
     try:

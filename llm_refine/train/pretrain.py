@@ -2,7 +2,7 @@
 files the rest of llm-refine reads.
 
 ``run_pretrain(config)`` trains in-process with the HF ``Trainer`` (AdamW; the LR schedule from
-``config.schedule`` through `llm_refine.schedules.use_schedule`, refined schedule files included;
+``config.schedule`` through `llm_refine.lr_schedulers.use_schedule`, refined schedule files included;
 `GradNormCallback` always on) and works the same under plain ``python``, ``torchrun`` and
 ``accelerate launch --config_file launch/<engine>.yaml``. It writes to ``output_dir``:
 
@@ -35,6 +35,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..fileio import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..recorder import engine_info, release_engine
 from ..schedules import make_schedule
 from .config import PretrainConfig, TrainConfig, load_pretrain_config  # noqa: F401  (re-exported: the run's API)
 from .rundir import EVAL_LOG, PROGRESS_FILE, RUN_CONFIG, SUMMARY, TRAIN_LOG, checkpoint_step, latest_checkpoint
@@ -193,21 +194,6 @@ def _batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, cfg.batch_size // (micro * world_size)
 
 
-def _engine_info(trainer) -> dict:
-    acc = trainer.accelerator
-    info = {
-        "distributed_type": str(acc.distributed_type).split(".")[-1],
-        "world_size": acc.num_processes,
-        "device": str(acc.device),
-        "mixed_precision": str(acc.mixed_precision),
-    }
-    wrapped = getattr(trainer, "model_wrapped", None)
-    if hasattr(wrapped, "zero_optimization_stage"):
-        info["zero_stage"] = int(wrapped.zero_optimization_stage())
-    info["model_class"] = type(wrapped).__name__
-    return info
-
-
 def _finished_or_check(out: Path, resolved: dict) -> dict | None:
     """The summary of a finished run with this config; None to train; a UserError when ``out``
     holds a run of another config."""
@@ -263,7 +249,7 @@ def _training_arguments(cfg: PretrainConfig, out: Path, micro: int, accum: int, 
 def _build_trainer(cfg: PretrainConfig, args, data, model, out: Path, is_main: bool, callbacks: Sequence, resumed: dict):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..schedules import use_schedule
+    from ..lr_schedulers import use_schedule
     from .data import PackedDataset
 
     t = cfg.train
@@ -336,7 +322,7 @@ def _summary(cfg: PretrainConfig, trainer, out: Path, val_loss: float, times: di
         "batch_size": cfg.train.batch_size,
         "learning_rate": cfg.train.learning_rate,
         "schedule": cfg.schedule.to_dict(),
-        "engine": _engine_info(trainer),
+        "engine": engine_info(trainer),
         "last_checkpoint": str(out / f"checkpoint-{steps}"),
     }
 
@@ -400,7 +386,7 @@ def run_pretrain(config: PretrainConfig, *, callbacks: Sequence = ()) -> dict:
     summary = _summary(cfg, trainer, out, float(metrics["eval_loss"]), times, resume_step, data, n_params)
     if is_main:
         atomic_write_json(out / SUMMARY, summary)  # last: its presence means the run finished
-    _teardown(trainer)
+    release_engine(trainer)
     return summary
 
 
@@ -430,11 +416,3 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def _teardown(trainer) -> None:
-    """Release DeepSpeed engines; without it gloo runs occasionally abort at exit."""
-    wrapped = getattr(trainer, "model_wrapped", None)
-    if hasattr(wrapped, "destroy"):
-        try:
-            wrapped.destroy()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass

@@ -415,12 +415,16 @@ def _clean_utf8(data: bytes) -> bool:
     return not any(b in data for b in odd)  # a few memchr-speed scans
 
 
-def _steps_ok(st: np.ndarray) -> bool:
-    """The numeric policy's step rule, vectorised (finite, whole, |step| < 2^53)."""
+def _steps_int(st: np.ndarray) -> np.ndarray | None:
+    """The steps as int64 when they follow the numeric policy's step rule (finite, whole,
+    |step| < 2^53), else None; vectorised: one cast, one comparison, min and max."""
     if st.size == 0:
-        return True
+        return st.astype(np.int64)
+    if not (-MAX_STEP < st.min() and st.max() < MAX_STEP):  # also False for NaN
+        return None
     with np.errstate(invalid="ignore"):
-        return bool(np.isfinite(st).all() and (np.floor(st) == st).all() and (np.abs(st) < MAX_STEP).all())
+        si = st.astype(np.int64)
+    return si if np.array_equal(si, st) else None
 
 
 def _bits(buf, offset: int, n: int) -> np.ndarray:
@@ -493,12 +497,13 @@ def _read_csv_arrow(path: Path, data: bytes, column: str | None, delimiter: str)
     except (pa.ArrowException, ValueError, OverflowError):
         return None
     steps, step_valid = _column_numpy(table.column(names[0]))
-    if step_valid is not None or not _steps_ok(steps):
+    steps = _steps_int(steps) if step_valid is None else None
+    if steps is None:
         return None
     vals, val_valid = _column_numpy(table.column(names[col]))
     if val_valid is not None:  # W&B leaves a cell empty where that run logged nothing at this step
-        steps, vals = steps[val_valid], vals[val_valid]
-    return steps.astype(np.int64), np.array(vals, dtype=np.float64), header[col]
+        return steps[val_valid], vals[val_valid], header[col]
+    return steps, vals.copy(), header[col]
 
 
 def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
@@ -534,7 +539,8 @@ def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
     if table.num_rows != n_lines:
         return None  # blank lines, or two records on one line: the pure-Python reader decides
     steps, step_valid = _column_numpy(table.column("step"))
-    if step_valid is not None or not _steps_ok(steps):
+    steps = _steps_int(steps) if step_valid is None else None
+    if steps is None:
         return None
     skipped = _bool_numpy(table.column("skipped"))
     vals, val_valid = _column_numpy(table.column(key))
@@ -544,9 +550,8 @@ def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
     if torn:
         warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
     n_skipped = int(skipped.sum())
-    if n_skipped:
-        steps, vals = steps[keep], vals[keep]
-    return NormTrace(steps.astype(np.int64), np.array(vals, dtype=np.float64), str(path), key, meta, n_skipped)
+    steps, vals = (steps[keep], vals[keep]) if n_skipped else (steps, vals.copy())
+    return NormTrace(steps, vals, str(path), key, meta, n_skipped)
 
 
 NPY_MAGIC = b"\x93NUMPY"

@@ -305,3 +305,20 @@ def test_heldout_se_of_a_paired_difference(tmp_path):
     build_report(runs, tmp_path)
     row = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("| cpu-0.5m | cosine | lr"))
     assert row.endswith(f"| {np.median(expected):.5f} |")
+
+
+def test_edge_cases_say_what_is_missing(tmp_path):
+    make_run(tmp_path / "a" / "cosine", schedule="cosine", seed=0)  # no linear at this size
+    make_run(tmp_path / "b" / "linear", size="cpu-2m", schedule="linear", seed=0, lr_multiplier=1.0)
+    make_run(tmp_path / "b" / "cosine", size="cpu-2m", schedule="cosine", seed=0, loss=4.2, lr=2e-3, lr_multiplier=2.0)
+    make_run(tmp_path / "c" / "linear", size="cpu-8m", schedule="linear", seed=0, marker=False)
+    make_run(tmp_path / "c" / "wsd", size="cpu-8m", schedule="wsd", seed=1, marker=False)
+    runs = collect_runs([tmp_path])
+    assert verdict_sentence(runs, "cpu-0.5m") == "cpu-0.5m: no linear run, so nothing is compared."
+    # linear ran at one LR only: cosine at lr×2 is paired with it, and the sentence says so
+    assert verdict_sentence(runs, "cpu-2m") == ("cpu-2m: one seed, so no interval and no verdict for cosine "
+                                                "(observed Δ vs linear: cosine at lr×2 (vs linear at lr×1) +0.2000).")
+    assert verdict_sentence(runs, "cpu-8m") == "cpu-8m: wsd has no seed in common with linear."
+    by = {(c.size, c.schedule): c for c in comparisons(runs)}
+    assert by[("cpu-0.5m", "cosine")].baseline is None and by[("cpu-0.5m", "cosine")].diff.verdict == NO_PAIRS
+    assert by[("cpu-8m", "wsd")].diff.unpaired == (0, 1)

@@ -454,9 +454,11 @@ def fmt_diff(d: PairedDiff, digits: int = 4) -> str:
 
 
 def fmt_lr(lr: float | None, runs: list[RunResult]) -> str:
+    """``lr×2`` where the runs at this LR key have an LR multiplier, else the peak LR ``lr 0.003``."""
     if lr is None:
         return "—"
-    return f"lr×{lr:g}" if any(r.lr_multiplier is not None for r in runs) else f"lr {lr:g}"
+    mult = any(r.lr_multiplier is not None for r in runs if r.lr_key == lr)
+    return f"lr×{lr:g}" if mult else f"lr {lr:g}"
 
 
 def comparison_table(runs: list[RunResult]) -> Table:
@@ -516,7 +518,11 @@ def verdict_sentence(runs: list[RunResult], size: str) -> str:
         cmp = heads[(size, s)]
         d = cmp.diff
         at = f" at {fmt_lr(cmp.lr, runs)}" if sweep and cmp.lr is not None else ""
-        if d.n == 0:
+        if sweep and cmp.baseline is not None and cmp.baseline_lr != cmp.lr:
+            at += f" (vs {BASELINE} at {fmt_lr(cmp.baseline_lr, runs)})"
+        if cmp.cell.mean is None:
+            parts.append(f"{s}{at} has no final loss")
+        elif d.n == 0:
             parts.append(f"{s}{at} has no seed in common with {BASELINE}")
         elif d.ci is None:
             single.append((s, f"{s}{at} {d.mean:+.4f}"))

@@ -5,6 +5,9 @@
 # ACCEL_CONFIG picks the engine (default DDP template; e.g. launch/fsdp.yaml, launch/deepspeed_zero3.yaml);
 # the node count, process count, rank and rendezvous address are passed on the command line and
 # override the file. Resubmitting the same job resumes from the latest checkpoint in output_dir.
+# GPUS_PER_NODE is the number of processes per node (default: the GPUs Slurm gave the node); on CPU
+# nodes use ACCEL_CONFIG=launch/multinode_cpu.yaml GPUS_PER_NODE=<processes per node> OMP_NUM_THREADS=<cores per process>.
+# MASTER_ADDR defaults to the allocation's first node name; set it where node names do not resolve.
 #SBATCH --job-name=llm-refine-pretrain
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -14,7 +17,7 @@ set -euo pipefail
 ACCEL_CONFIG=${ACCEL_CONFIG:-launch/multinode.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 NNODES=${SLURM_NNODES:-1}
-MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 

@@ -293,7 +293,7 @@ def evaluate_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir}: no checkpoint-N directory to evaluate; the run must save its final checkpoint")
     t0 = time.time()
     # The run's own config (next to the checkpoint) defines the validation set.
-    res = dict(evaluate_checkpoint(ckpt))
+    res = dict(evaluate_checkpoint(ckpt, sequence_losses=True))  # the report derives the held-out SE of paired differences
     res.update(
         checkpoint=str(ckpt), summary_sha256=sha256_file(run_dir / SUMMARY),
         eval_time_s=round(time.time() - t0, 3), evaluated=now(),

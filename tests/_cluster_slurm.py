@@ -17,6 +17,7 @@ database, ``sacct`` has nothing, and ``scontrol show job`` forgets a job after `
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -155,6 +156,7 @@ class SlurmCluster:
 
     def start(self) -> "SlurmCluster":
         self._write_files()
+        atexit.register(self.stop)  # also when the test session ends without its teardown
         r = self.root
         try:
             self._spawn("munged", [
@@ -215,6 +217,10 @@ class SlurmCluster:
         """Cancel every job, then stop the daemons this object started (slurmds, slurmctld, munged)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "-u", "root"], timeout=15)
+            try:  # let slurmd signal and reap the jobs' processes before it goes
+                self.wait_queue_empty(30)
+            except SlurmError:
+                pass
         for name in (*(f"slurmd-{n}" for n in self.nodes), "slurmctld", "munged"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:

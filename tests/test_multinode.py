@@ -12,7 +12,8 @@ Each run must really be what it claims (the Trainer's accelerator is MULTI_CPU D
 size of both nodes, the model is wrapped in DistributedDataParallel, the history's meta says
 ``ddp`` and that world size) and the recorder's per-step ℓ1/ℓ2 must equal those of a single-process
 run of the same config (same global batch of 8 sequences, split over the ranks) to fp32 rounding:
-measured ≤ 3e-8 relative, asserted at 1e-5. One launch config check covers ``launch/ddp_cpu.yaml``.
+measured ≤ 3e-8 relative, asserted at 1e-5. ``launch/ddp_cpu.yaml`` starts its 2 processes, where
+the same file with accelerate's ``MULTI_CPU`` type starts one process that trains alone.
 
 Timing (2-core machine at load ≈ 7): reference ≈ 40 s, torchrun ≈ 75 s, accelerate ≈ 60 s,
 slurm.sh ≈ 70 s (every process pays ~10-15 s of imports).
@@ -124,15 +125,30 @@ def test_accelerate_launch_two_machines(reference, tmp_path):
     _check(out, reference, world=2)
 
 
-def test_ddp_cpu_config_is_the_cpu_twin_of_ddp():
+def test_ddp_cpu_config_is_the_cpu_twin_of_ddp(tmp_path):
+    """launch/ddp_cpu.yaml starts its 2 processes; the same file with accelerate's MULTI_CPU type starts one."""
+    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cpu = load_config_from_file(str(REPO / "launch" / "ddp_cpu.yaml"))
+    cpu_path = REPO / "launch" / "ddp_cpu.yaml"
+    cpu = load_config_from_file(str(cpu_path))
     gpu = load_config_from_file(str(REPO / "launch" / "ddp.yaml"))
-    # MULTI_GPU + use_cpu, not MULTI_CPU: accelerate launch starts one process for MULTI_CPU.
     assert cpu.distributed_type == gpu.distributed_type and str(cpu.distributed_type).endswith("MULTI_GPU")
-    assert cpu.use_cpu is True and cpu.mixed_precision == "no" and cpu.num_machines == 1
-    assert cpu.num_processes >= 2
+    assert cpu.use_cpu is True and cpu.mixed_precision == "no" and cpu.num_machines == 1 and cpu.num_processes == 2
+
+    script = tmp_path / "who.py"
+    script.write_text('import os\nprint("process", os.environ.get("RANK", "-"), "of", os.environ.get("WORLD_SIZE", "-"))\n')
+    multi_cpu = tmp_path / "multi_cpu.yaml"
+    multi_cpu.write_text(yaml.safe_dump({**yaml.safe_load(cpu_path.read_text()), "distributed_type": "MULTI_CPU"}))
+    seen = {}
+    for name, cfg in (("ddp_cpu", cpu_path), ("multi_cpu", multi_cpu)):
+        p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
+                            "--main_process_port", str(free_port()), str(script)],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        seen[name] = sorted(line for line in p.stdout.splitlines() if line.startswith("process"))
+    assert seen["ddp_cpu"] == ["process 0 of 2", "process 1 of 2"]
+    assert seen["multi_cpu"] == ["process - of -"]  # one process, alone: the trap ddp_cpu.yaml avoids
 
 
 @pytest.fixture(scope="module")

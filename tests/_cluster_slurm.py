@@ -53,24 +53,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_node_names(n: int) -> list[str]:
+    """``<host>, <host>-2, ...`` when this machine's name resolves (so the first node's name, which
+    job scripts take as the rendezvous address, reaches 127.0.0.1 or this host), else ``n1 .. nN``.
+    (``localhost`` cannot be a node name: Slurm maps it to the real host name.)"""
+    host = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        return [f"n{i + 1}" for i in range(n)]
+    return [host] + [f"{host}-{i + 1}" for i in range(1, n)]
+
+
 class SlurmError(RuntimeError):
     pass
 
 
 class SlurmCluster:
-    """One slurmctld and ``nodes`` slurmd daemons on this machine: nodes ``n1 .. nN``, all at
-    127.0.0.1 (each slurmd on its own port, spool dir and log), ``cpus_per_node`` CPUs each
-    (default: the machine's CPUs split between them), one partition ``debug``. Debian's build runs
-    several slurmd on one host, so ``srun -N2`` really starts one task in each of two "nodes"
-    (``SLURM_NODEID`` 0 and 1). The node names do not resolve: multi-node jobs take the rendezvous
-    address from ``MASTER_ADDR`` (127.0.0.1).
+    """One slurmctld and ``nodes`` slurmd daemons on this machine: nodes `default_node_names`
+    (``<host>``, ``<host>-2``), all at 127.0.0.1 (each slurmd on its own port, spool dir and log),
+    ``cpus_per_node`` CPUs each (default: the machine's CPUs split between them), one partition
+    ``debug``. Debian's build runs several slurmd on one host, so ``srun -N2`` really starts one
+    task in each of two "nodes" (``SLURM_NODEID`` 0 and 1), and a job script's rendezvous address
+    (the first node's name) resolves.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, *, nodes: int = 2, cpus_per_node: int | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, nodes: int | list[str] = 2,
+                 cpus_per_node: int | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="llm-refine-slurm-"))
-        self.nodes = [f"n{i + 1}" for i in range(nodes)]
-        self.cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // nodes)
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = list(nodes) if isinstance(nodes, (list, tuple)) else default_node_names(nodes)
+        self.cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // len(self.nodes))
         self.conf = self.root / "slurm.conf"
         self.jobcomp = self.root / "jobcomp.txt"
         # munged wants every directory above its socket searchable by all (pytest's tmp dirs are
@@ -141,7 +154,7 @@ class SlurmCluster:
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
-            *(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} "
+            *(f"NodeName={n} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} "
               f"RealMemory={mem_mb} State=UNKNOWN" for n, port in zip(self.nodes, self.slurmd_ports)),
             f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
         ]

@@ -6,7 +6,9 @@
   --main_process_ip 127.0.0.1``, two launchers × 1 rank (world 2);
 - ``launch/slurm.sh`` itself, submitted with ``sbatch --nodes=2`` to a local two-node Slurm cluster
   (`_cluster_slurm`; skipped with the reason when Slurm is not installed): one ``accelerate launch``
-  per node through ``srun``, ranks from ``SLURM_NODEID``.
+  per node through ``srun``, ranks from ``SLURM_NODEID``;
+- the training job ``llm-refine pipeline --emit slurm`` writes for ``slurm.nodes: 2`` with
+  ``launch/multinode_cpu.yaml``, on the same cluster.
 
 Each run must really be what it claims (the Trainer's accelerator is MULTI_CPU DDP with the world
 size of both nodes, the model is wrapped in DistributedDataParallel, the history's meta says
@@ -16,18 +18,21 @@ measured ≤ 3e-8 relative, asserted at 1e-5. ``launch/ddp_cpu.yaml`` starts its
 the same file with accelerate's ``MULTI_CPU`` type starts one process that trains alone.
 
 Timing (2-core machine at load ≈ 7): reference ≈ 40 s, torchrun ≈ 75 s, accelerate ≈ 60 s,
-slurm.sh ≈ 70 s (every process pays ~10-15 s of imports).
+slurm.sh ≈ 85 s, the pipeline's 2-node job + report ≈ 80 s (every process pays ~10-15 s of imports).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 
 from _cluster_slurm import SlurmCluster, free_port, slurm_missing
 from _pretrain_common import REPO, history_records
@@ -127,7 +132,6 @@ def test_accelerate_launch_two_machines(reference, tmp_path):
 
 def test_ddp_cpu_config_is_the_cpu_twin_of_ddp(tmp_path):
     """launch/ddp_cpu.yaml starts its 2 processes; the same file with accelerate's MULTI_CPU type starts one."""
-    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
     cpu_path = REPO / "launch" / "ddp_cpu.yaml"
@@ -166,7 +170,9 @@ def test_slurm_sh_on_two_slurm_nodes(reference, cluster, tmp_path):
     out = tmp_path / "slurm"
     log = tmp_path / "slurm-job.out"
     env = {"ACCEL_CONFIG": "launch/multinode_cpu.yaml", "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+           "MASTER_PORT": str(free_port())}
+    if not _resolves(cluster.nodes[0]):
+        env["MASTER_ADDR"] = "127.0.0.1"  # slurm.sh's default is the first node's name
     p = cluster.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", "launch/slurm.sh", "recipes/pretrain_tiny.yaml",
                      "--output_dir", str(out), "--set", *SETS], cwd=REPO, env=env)
     assert p.returncode == 0, p.stderr
@@ -175,5 +181,52 @@ def test_slurm_sh_on_two_slurm_nodes(reference, cluster, tmp_path):
     rec = cluster.final_states()[job]
     text = log.read_text() if log.exists() else ""
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text[-6000:])
-    assert rec["NodeList"] == "n[1-2]" and rec["NodeCnt"] == "2"
+    _check_nodes(cluster, rec)
     _check(out, reference, world=2)
+
+
+def _resolves(name: str) -> bool:
+    try:
+        socket.gethostbyname(name)
+        return True
+    except OSError:
+        return False
+
+
+def _check_nodes(cluster, rec) -> None:
+    assert rec["NodeCnt"] == "2"
+    assert cluster.run(["scontrol", "show", "hostnames", rec["NodeList"]]).stdout.split() == cluster.nodes
+
+
+def test_pipeline_multinode_training_job_on_two_slurm_nodes(reference, cluster, tmp_path):
+    """A training job of `--emit slurm` with slurm.nodes: 2 and launch/multinode_cpu.yaml: one
+    accelerate launcher per node through srun; the same run as the reference, so the same norms."""
+    if not _resolves(cluster.nodes[0]):
+        pytest.skip(f"the emitted job's rendezvous address is the first node's name, {cluster.nodes[0]!r}, which does not resolve here")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "multinode", "sizes": ["cpu-0.5m"], "schedules": ["linear"], "seeds": [0], "evaluate": False,
+        "schedule": {"warmup_steps": 30},  # = recipes/pretrain_tiny.yaml's, so the run is the reference's
+        "pretrain": {
+            "data": {"source": "embedded", "seq_len": 128, "vocab_size": 2048, "val_sequences": 8},
+            "train": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 0.003, "weight_decay": 0.1,
+                      "max_grad_norm": 1.0, "eval_every": 3, "save_every": 3, "log_every": 1, "print_every": 0},
+        },
+        "launch": {"launcher": "accelerate", "config": "launch/multinode_cpu.yaml"},
+        "slurm": {"nodes": 2, "port": free_port()},
+    }))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "llm_refine.cli", "pipeline", str(recipe), "--out", str(out), "--emit", "slurm"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sub = cluster.run(["bash", str(out / "slurm" / "submit.sh")], cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    ids = {k: int(v) for k, v in re.findall(r"^(\S+): job (\d+)$", sub.stdout, re.M)}
+    cluster.wait_queue_empty(TIMEOUT)
+    states = cluster.final_states()
+    rec = states[ids["cpu-0.5m/linear"]]
+    logs = "".join(f.read_text()[-4000:] for f in (out / "slurm" / "logs").glob("*.out"))
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, logs)
+    _check_nodes(cluster, rec)
+    _check(out / "cpu-0.5m" / "linear", reference, world=2)
+    assert states[ids["report"]]["JobState"] == "COMPLETED" and (out / "report.md").is_file()

@@ -109,7 +109,7 @@ def test_local_cluster_runs_jobs_and_cancels_a_broken_chain(cluster, tmp_path):
     srun = cluster.run(["srun", "-N2", "--ntasks-per-node=1", "bash", "-c", "echo $SLURM_NODEID $SLURMD_NODENAME"],
                        timeout=60)
     assert srun.returncode == 0, srun.stderr
-    assert sorted(srun.stdout.split("\n")[:2]) == ["0 n1", "1 n2"]
+    assert sorted(srun.stdout.splitlines()) == [f"0 {cluster.nodes[0]}", f"1 {cluster.nodes[1]}"]
     bad = cluster.sbatch("-o", str(tmp_path / "bad.out"), "--wrap", "exit 3")
     never = cluster.sbatch("--dependency=afterok:%d" % bad, "-o", str(tmp_path / "never.out"), "--wrap", "echo ran")
     anyway = cluster.sbatch("--dependency=afterany:%d:%d" % (bad, never), "-o", str(tmp_path / "any.out"),
@@ -134,7 +134,7 @@ def chain(cluster, tmp_path_factory):
     out = d / "out"
     res = _submit(cluster, recipe, out)
     print(f"\nslurm chain: {res['wall']:.0f}s for {len(res['ids'])} jobs")
-    return {"recipe": recipe, "out": out, **res}
+    return {"recipe": recipe, "out": out, "nodes": cluster.nodes, **res}
 
 
 def test_pipeline_chain_runs_to_the_report(chain):
@@ -144,7 +144,7 @@ def test_pipeline_chain_runs_to_the_report(chain):
         rec = records[sid]
         log = "\n".join(p.read_text()[-2000:] for p in logs.glob(f"*-{ids[sid]}.out"))
         assert rec.get("JobState") == "COMPLETED" and rec.get("ExitCode") == "0:0", (sid, rec, log)
-        assert rec["NodeList"] in ("n1", "n2")
+        assert rec["NodeList"] in chain["nodes"]
     # Dependencies held: nothing started before what it needs had ended.
     start = {sid: records[sid]["StartTime"] for sid in STAGES}
     end = {sid: records[sid]["EndTime"] for sid in STAGES}

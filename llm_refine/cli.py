@@ -47,10 +47,20 @@ def format_schedule_summary(artifact: dict, path: str = "") -> str:
             f"({d['peak_fraction']:.1%}), {d['above_half_fraction']:.1%} of steps above half the peak, "
             f"final anneal {d['final_anneal_steps']} steps ({d['final_anneal_fraction']:.1%}), starts at {d['start_multiplier']:.3g}"
         )
+        trend = f"LR area {d['lr_area_vs_linear']:.2f} of linear decay's" if "lr_area_vs_linear" in d else ""
+        if "norm_rise_after_min" in d:
+            trend = (f"norms: minimum at {d['norm_min_fraction']:.0%} of the run, then x{d['norm_rise_after_min']:.2f} "
+                     f"by the end; " + trend)
+        if trend:
+            lines.append("  trend      " + trend)
         if d.get("degenerate"):
             from .refine import degenerate_message
 
             lines.append("  WARNING    " + degenerate_message(d))
+        if d.get("anneals_early"):
+            from .refine import early_anneal_message
+
+            lines.append("  WARNING    " + early_anneal_message(d))
     if fit:
         lines.append(
             f"  fit        warm-up {fit['warmup_fraction']:.1%} of the run from {fit['start']:.3g}, then (1-progress)^{fit['power']:.3g}; "
@@ -82,12 +92,17 @@ def cmd_show(args) -> int:
     import numpy as np
 
     from .artifact import read_schedule
-    from .refine import describe_schedule, fit_warmup_poly
+    from .refine import anneals_early, describe_schedule, fit_warmup_poly
 
     art = read_schedule(args.schedule)
-    # The summary describes the multipliers actually in the file, not what was stored beside them.
+    # The summary describes the multipliers actually in the file, not what was stored beside them;
+    # only the norms' trend, which the file cannot hold, comes from the stored diagnostics.
     m = np.asarray(art["multipliers"], dtype=np.float64)
-    art["diagnostics"], art["fit"] = describe_schedule(m), fit_warmup_poly(m)
+    stored = art.get("diagnostics") if isinstance(art.get("diagnostics"), dict) else {}
+    d = describe_schedule(m)
+    d.update({k: v for k, v in stored.items() if k.startswith("norm_") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    d["anneals_early"] = anneals_early(d)
+    art["diagnostics"], art["fit"] = d, fit_warmup_poly(m)
     print(format_schedule_summary(art, args.schedule))
     return 0
 

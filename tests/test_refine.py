@@ -297,3 +297,48 @@ def test_all_steps_skipped_says_so():
     with pytest.raises(UserError, match="40 step\\(s\\) were skipped by the engine") as e:
         refine_trace(tr)
     assert "record a longer run" not in str(e.value)
+
+
+def test_early_anneal_diagnostic_on_a_rising_trace_and_the_gpt_trace(traces_dir):
+    """Rising norms after the transient make the refined schedule anneal early: the diagnostic says
+    so, with the project's measured numbers; the authors' GPT trace (falls, then rises ~17%) gets a
+    long warm-up and a near-linear decay, and no warning."""
+    from llm_refine.history import load_trace
+    from llm_refine.refine import early_anneal_message, refine_trace
+
+    T = 2000
+    t = np.arange(T)
+    rising = np.where(t < 100, 3.0 - t / 50, 1.0 + 1.3 * (t - 100) / (T - 100))  # fall, then x2.3
+    m = refine_schedule(rising, norm="l1", tau=0.1)
+    from llm_refine.refine import describe_schedule, smooth_norms
+
+    d = describe_schedule(m, norms=smooth_norms(rising, 0.1))
+    assert d["norm_rise_after_min"] == pytest.approx(2.2, rel=0.1) and d["norm_min_fraction"] < 0.1
+    assert d["lr_area_vs_linear"] < 0.9 and d["anneals_early"]
+    msg = early_anneal_message(d)
+    assert "anneals early" in msg and "+0.18" in msg and "1.93x" in msg
+    flat = describe_schedule(refine_schedule(np.ones(T), tau=0.1), norms=np.ones(T))
+    assert flat["lr_area_vs_linear"] == pytest.approx(1.0, abs=0.01) and not flat["anneals_early"]
+
+    gpt = load_trace(traces_dir / "more" / "gpt.csv", norm="l1")
+    _, info = refine_trace(gpt, norm="l1", tau=0.1)
+    g = info["diagnostics"]
+    assert 0.2 < g["norm_min_fraction"] < 0.45 and 1.05 < g["norm_rise_after_min"] < 1.3
+    assert g["lr_area_vs_linear"] > 1.0 and not g["anneals_early"]
+
+
+def test_show_says_when_a_schedule_anneals_early(tmp_path, capsys):
+    from llm_refine.cli import main
+    from llm_refine.history import write_history
+
+    T = 400
+    t = np.arange(T)
+    vals = np.where(t < 20, 3.0 - t / 10, 1.0 + 1.3 * (t - 20) / (T - 20))
+    h = tmp_path / "h.jsonl"
+    write_history(h, [{"step": i, "l1": float(v), "l2": float(v)} for i, v in enumerate(vals)])
+    out = tmp_path / "s.json"
+    assert main(["refine", str(h), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "  trend      norms: minimum at" in text and "anneals early" in text

@@ -1,10 +1,13 @@
-"""A real single-node Slurm cluster on loopback, for the tests (Debian: ``apt-get install slurm-wlm munge``).
+"""A real Slurm cluster on this one machine, on loopback, for the tests (Debian: ``apt-get install
+slurm-wlm munge``).
 
 `SlurmCluster` writes a ``slurm.conf`` into a temporary directory, starts a private ``munged``
-(its own key and socket), ``slurmctld`` and one ``slurmd`` per node as root on free loopback
-ports, waits until ``sinfo`` shows every node idle, and stops exactly the daemons it started (by pid) at the end. Client
-commands get ``SLURM_CONF`` pointing at the file (`SlurmCluster.env`). Nothing outside the
-temporary directory is written, so several clusters (other test sessions) can run side by side.
+(its own key and socket), ``slurmctld`` and one ``slurmd`` per node (two by default) as root on
+free loopback ports, waits until ``sinfo`` shows every node idle, and at the end cancels the jobs
+and stops exactly the daemons it started. Client commands get ``SLURM_CONF`` pointing at the file
+(`SlurmCluster.env`; sbatch passes the caller's environment on to the jobs). Nothing outside the
+temporary directories is written, so several clusters (other test sessions) can run side by side.
+Start ≈ 1 s; a job reaches a node 1-3 s after its dependencies end.
 
 Finished jobs are appended by ``jobcomp/filetxt`` to ``<root>/jobcomp.txt`` (one line per job with
 its final ``JobState``), which is what `SlurmCluster.final_states` reads: with no accounting

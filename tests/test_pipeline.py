@@ -138,8 +138,13 @@ def test_plan_order_dirs_and_dependencies(tmp_path):
                        "cpu-0.5m/linear-lr1-seed1", "cpu-0.5m/refine", "cpu-0.5m/refined-lr0.5-seed0"]
     assert ids[-1] == "report" and ids.count("cpu-2m/evaluate") == 1
     by = {s.id: s for s in stages}
-    # Refined from the baseline at lr×1 (in the grid) and the first seed.
-    assert by["cpu-0.5m/refine"].deps == ["cpu-0.5m/linear-lr1-seed0"]
+    # refine.from: best (the default with an LR grid): the refine stage waits for every linear run of
+    # the size and picks the best LR when it runs (tests/test_pipeline_variants.py).
+    assert by["cpu-0.5m/refine"].deps == ["cpu-0.5m/linear-lr0.5-seed0", "cpu-0.5m/linear-lr0.5-seed1",
+                                          "cpu-0.5m/linear-lr1-seed0", "cpu-0.5m/linear-lr1-seed1"]
+    fixed = {s.id: s for s in plan(parse_recipe(fake_recipe(seeds=[0, 1], lr_multipliers=[0.5, 1.0], refine={"from": 1.0}),
+                                                check_pretrain=False), tmp_path)}
+    assert fixed["cpu-0.5m/refine"].deps == ["cpu-0.5m/linear-lr1-seed0"]  # a fixed multiplier: that run, first seed
     assert by["cpu-0.5m/refined-lr1-seed1"].deps == ["cpu-0.5m/refine"]
     ov = flat(by["cpu-0.5m/refined-lr0.5-seed1"].config)
     assert ov["schedule.file"] == str(tmp_path.resolve() / "cpu-0.5m" / "refined_schedule.json")

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from ..train.config import PretrainConfig
 from ..train.rundir import REFINED_FILE, RUN_CONFIG
-from .recipe import BASELINE, REFINED, Recipe
+from .recipe import BASELINE, REFINED, REFINED_AGG, REFINED_XFER, Recipe, round_label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,44 +123,131 @@ def run_dir_name(recipe: Recipe, label: str, lr_multiplier: float, seed: int) ->
     return name
 
 
+def refined_file_name(suffix: str | None = None) -> str:
+    """``refined_schedule.json``, or ``refined_schedule-<suffix>.json`` for a variant / one LR."""
+    return REFINED_FILE if not suffix else REFINED_FILE.replace(".json", f"-{suffix}.json")
+
+
+def _variant_suffix(label: str) -> str:
+    return label.removeprefix(REFINED + "-")  # refined-agg -> agg, refined-r2 -> r2, refined-xfer -> xfer
+
+
+class _SizePlan:
+    """The stages of one size, built in dependency order (`plan` calls it per size)."""
+
+    def __init__(self, recipe: Recipe, out: Path, size: str, stages: list[Stage]):
+        self.recipe, self.size, self.stages = recipe, size, stages
+        self.size_dir = out / size
+        self.train_ids: list[str] = []
+        # label -> {(lrm, seed): stage}
+        self.runs: dict[str, dict[tuple[float, int], Stage]] = {}
+
+    def _id(self, label: str, lrm: float, seed: int) -> str:
+        return f"{self.size}/{run_dir_name(self.recipe, label, lrm, seed)}"
+
+    def _candidates(self, label: str, lrms: list[float], seeds: list[int]) -> dict[float, dict[int, Path]]:
+        return {m: {sd: self.size_dir / run_dir_name(self.recipe, label, m, sd) for sd in seeds} for m in lrms}
+
+    def _refine(self, id: str, deps: list[str], spec: dict, **fields) -> Stage:
+        st = _make("refine", id=id, deps=deps, size=self.size, run_dir=self.size_dir, spec=spec, **fields)
+        self.stages.append(st)
+        return st
+
+    def refine_stages(self, label: str, lrms: list[float]) -> dict[float, Stage]:
+        """lr multiplier -> the refine stage whose schedule the ``label`` runs at that LR use."""
+        r, rf = self.recipe, self.recipe.refine
+        mode, fixed, seed = r.refine_mode, r.refine_from_fixed, r.refine_seed
+        base = {"norm": rf.norm, "tau": rf.tau}
+        if label == REFINED:
+            if mode == "fixed":  # the one-baseline refinement (recipes before refine.from: unchanged)
+                bid = self._id(BASELINE, fixed, seed)
+                st = self._refine(f"{self.size}/refine", [bid], refine_stage_config(r, bid),
+                                  baseline_dir=self.size_dir / bid.split("/", 1)[1])
+                return {m: st for m in lrms}
+            if mode == "each":
+                out = {}
+                for m in lrms:
+                    bid = self._id(BASELINE, m, seed)
+                    out[m] = self._refine(f"{self.size}/refine-lr{m:g}", [bid], refine_stage_config(r, bid),
+                                          baseline_dir=self.size_dir / bid.split("/", 1)[1],
+                                          output_name=refined_file_name(f"lr{m:g}"))
+                return out
+            cands = self._candidates(BASELINE, r.lr_multipliers, r.seeds)
+            deps = [self._id(BASELINE, m, sd) for m in r.lr_multipliers for sd in r.seeds]
+            st = self._refine(f"{self.size}/refine", deps, {"baseline": "best", "seed": seed, **base},
+                              candidates=cands, seed=seed)
+            return {m: st for m in lrms}
+        suffix = _variant_suffix(label)
+        lrs = [fixed] if mode == "fixed" else list(r.lr_multipliers)
+        if label == REFINED_XFER:
+            src = rf.transfer_from
+            steps = r.run_config(self.size, seed, lrs[0], BASELINE, "unused").train.max_steps
+            st = self._refine(f"{self.size}/refine-{suffix}", [f"{src}/refine"],
+                              {"variant": label, "transfer_from": src, "steps": steps},
+                              variant=label, output_name=refined_file_name(suffix),
+                              transfer_file=self.size_dir.parent / src / REFINED_FILE, target_steps=steps)
+            return {m: st for m in lrms}
+        if label == REFINED_AGG:
+            source, seeds, spec = BASELINE, list(r.seeds), {"aggregate": rf.aggregate}
+        else:  # round k: refined from the norms of round k-1's run
+            k = int(suffix.removeprefix("r"))
+            source, seeds, spec = round_label(k - 1), list(r.seeds), {"round": k, "source": round_label(k - 1)}
+        deps = [self._id(source, m, sd) for m in lrs for sd in seeds]
+        st = self._refine(f"{self.size}/refine-{suffix}", deps,
+                          {"variant": label, "baseline": "best" if len(lrs) > 1 else f"lr{lrs[0]:g}", "seed": seed,
+                           **spec, **base},
+                          candidates=self._candidates(source, lrs, seeds), seed=seed, variant=label,
+                          aggregate=rf.aggregate if label == REFINED_AGG else "none",
+                          output_name=refined_file_name(suffix))
+        return {m: st for m in lrms}
+
+    def train_runs(self, sched) -> None:
+        r = self.recipe
+        is_refined = sched.name == REFINED
+        refines = self.refine_stages(sched.label, r.lr_multipliers) if is_refined else {}
+        for lrm in r.lr_multipliers:
+            for seed in r.seeds:
+                rd = self.size_dir / run_dir_name(r, sched.label, lrm, seed)
+                ref = refines.get(lrm)
+                config, spec = train_stage_config(r, self.size, seed, lrm, sched.label, rd,
+                                                  ref.output if ref is not None else None,
+                                                  ref.spec if ref is not None else None)
+                st = _make("train", id=f"{self.size}/{rd.name}", deps=[ref.id] if ref is not None else [], size=self.size,
+                           run_dir=rd, spec=spec, schedule=sched.label, schedule_name=sched.name, seed=seed,
+                           lr_multiplier=lrm, config=config,
+                           schedule_file=ref.output if ref is not None else None)
+                self.stages.append(st)
+                self.train_ids.append(st.id)
+
+
 def plan(recipe: Recipe, out: Path) -> list[Stage]:
     """Every stage of the recipe, in an order that respects dependencies."""
     out = Path(out).resolve()
     stages: list[Stage] = []
-    ordered = [recipe.schedule(BASELINE)] + [s for s in recipe.schedules if s.label != BASELINE]
-    for size in recipe.sizes:
-        size_dir = out / size
-        refined_file = size_dir / REFINED_FILE
-        baseline_dir = size_dir / run_dir_name(recipe, BASELINE, recipe.refine_lr_multiplier, recipe.refine_seed)
-        baseline_id = f"{size}/{baseline_dir.name}"
-        refine: Stage | None = None
-        train_ids: list[str] = []
+    ordered = [recipe.schedule(BASELINE)] + [s for s in recipe.run_schedules if s.label != BASELINE]
+    sizes = list(recipe.sizes)
+    src = recipe.refine.transfer_from
+    if src is not None and recipe.variant_labels:  # the transfer's source size first: the others wait on it
+        sizes = [src] + [s for s in sizes if s != src]
+    for size in sizes:
+        sp = _SizePlan(recipe, out, size, stages)
         for sched in ordered:
-            is_refined = sched.name == REFINED
-            if is_refined and refine is None:
-                refine = _make("refine", id=f"{size}/refine", deps=[baseline_id], size=size, run_dir=size_dir,
-                               spec=refine_stage_config(recipe, baseline_id), baseline_dir=baseline_dir)
-                stages.append(refine)
-            for lrm in recipe.lr_multipliers:
-                for seed in recipe.seeds:
-                    rd = size_dir / run_dir_name(recipe, sched.label, lrm, seed)
-                    config, spec = train_stage_config(recipe, size, seed, lrm, sched.label, rd,
-                                                  refined_file if is_refined else None,
-                                                  refine.spec if is_refined else None)
-                    st = _make("train", id=f"{size}/{rd.name}", deps=[refine.id] if is_refined else [], size=size,
-                               run_dir=rd, spec=spec, schedule=sched.label, schedule_name=sched.name, seed=seed,
-                               lr_multiplier=lrm, config=config)
-                    stages.append(st)
-                    train_ids.append(st.id)
+            if sched.label == REFINED_XFER and size == src:
+                continue  # the source size's own refined column is the schedule itself
+            sp.train_runs(sched)
         if recipe.evaluate:
-            run_dirs = [s.run_dir for s in stages if s.id in train_ids]
-            stages.append(_make("evaluate", id=f"{size}/evaluate", deps=list(train_ids), size=size, run_dir=size_dir,
+            run_dirs = [s.run_dir for s in stages if s.id in sp.train_ids]
+            stages.append(_make("evaluate", id=f"{size}/evaluate", deps=list(sp.train_ids), size=size, run_dir=size_dir_of(out, size),
                                 run_dirs=run_dirs))
     final = "evaluate" if recipe.evaluate else "train"
     stages.append(_make("report", id="report", deps=[s.id for s in stages if s.kind == final]))
     return stages
 
 
+def size_dir_of(out: Path, size: str) -> Path:
+    return out / size
+
+
 __all__ = [
-    "Stage", "TrainArgs", "train_args", "train_stage_config", "refine_stage_config", "run_dir_name", "plan",
+    "Stage", "TrainArgs", "train_args", "train_stage_config", "refine_stage_config", "run_dir_name", "refined_file_name", "plan",
 ]

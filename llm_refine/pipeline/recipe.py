@@ -36,6 +36,16 @@ from ..labels import BASELINE, REFINED
 from ..schedules import SCHEDULES, RefinedSchedule, ScheduleConfig
 
 LAUNCHERS = ("inprocess", "accelerate")
+# Refinement variants: each is a schedule column of its own (runs `<label>[-lr<m>][-seed<n>]`).
+REFINED_AGG = "refined-agg"  # refined from the per-step median/mean of the norms over the seeds
+REFINED_XFER = "refined-xfer"  # another size's refined schedule, resampled to this size's steps
+
+
+def round_label(k: int) -> str:
+    """Round k of iterated refinement (round 1 is `refined` itself)."""
+    return REFINED if k == 1 else f"refined-r{k}"
+
+
 # Keys of the pretraining config that the pipeline sets for each run (from sizes, seeds, schedules).
 PIPELINE_KEYS = ("model.size", "train.seed", "schedule", "output_dir")
 
@@ -47,6 +57,40 @@ class RefineSettings(Config):
     seed: int | None = option(None, doc="seed of the baseline run refined; null: the first seed", ge=0)
     lr_multiplier: float | None = option(None, doc="LR multiplier of that baseline; null: 1 if in the grid, else the middle", gt=0.0)
     warmup: bool = option(False, doc="apply the shared warm-up on top of the refined schedule (default: use it as computed)")
+    # YAML key `from` (a Python keyword): which linear baseline the refined schedule is refined from.
+    from_: Literal["best", "each"] | float | None = option(
+        None, doc="baseline refined: best (lowest mean final loss over seeds; the default), an LR multiplier, or each (one schedule per LR)")
+    aggregate: Literal["none", "median", "mean"] = option(
+        "none", doc="also refine the per-step median/mean of the norms over the baseline's seeds (column refined-agg)")
+    rounds: int = option(1, doc="refinement rounds: N > 1 adds refined-r2..refined-rN, each refined from the previous round's run", ge=1)
+    transfer_from: str | None = option(
+        None, doc="also apply this size's refined schedule, resampled, to the other sizes (column refined-xfer)")
+
+    KEY_ALIASES = {"from": "from_"}  # YAML key -> field
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str | None = None):
+        if isinstance(data, Mapping) and not isinstance(data, cls):
+            if "from_" in data:
+                raise ConfigError(("from_",), "unknown key in RefineSettings; write 'from'")
+            data = {cls.KEY_ALIASES.get(k, k): v for k, v in data.items()}
+        try:
+            return super().from_dict(data)
+        except ConfigError as e:
+            key = tuple("from" if k == "from_" else k for k in e.key)
+            detail = e.detail.replace("from_,", "from,")
+            err = ConfigError(key, detail)
+            if where is None:
+                raise err from None
+            raise UserError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return {("from" if k == "from_" else k): v for k, v in super().to_dict().items()}
+
+    @property
+    def variants(self) -> bool:
+        """Whether any refinement variant (aggregation, rounds, transfer) is enabled."""
+        return self.aggregate != "none" or self.rounds > 1 or self.transfer_from is not None
 
 
 @dataclass(kw_only=True)
@@ -109,14 +153,61 @@ class Recipe:
 
     @property
     def refine_lr_multiplier(self) -> float:
-        if self.refine.lr_multiplier is not None:
-            return self.refine.lr_multiplier
+        """The LR multiplier of the refined baseline when it is fixed by the recipe (refine.from or
+        refine.lr_multiplier, or a one-LR grid); else (refine.from: best/each over a grid) the
+        multiplier 1 if in the grid, or the middle one (the run the report plots norms of)."""
+        fixed = self.refine_from_fixed
+        if fixed is not None:
+            return fixed
         if any(math.isclose(m, 1.0) for m in self.lr_multipliers):
             return 1.0
         return sorted(self.lr_multipliers)[len(self.lr_multipliers) // 2]
 
-    def schedule(self, label: str) -> RunSchedule:
+    @property
+    def refine_mode(self) -> str:
+        """How the refine stage picks its baseline's LR: "fixed" (known when planning), "best"
+        (lowest mean final loss over seeds, chosen once the baselines ran) or "each" (one refined
+        schedule per LR). A one-LR grid is always "fixed"."""
+        if len(self.lr_multipliers) == 1 or self.refine.lr_multiplier is not None or isinstance(self.refine.from_, float):
+            return "fixed"
+        return "each" if self.refine.from_ == "each" else "best"
+
+    @property
+    def refine_from_fixed(self) -> float | None:
+        if self.refine.lr_multiplier is not None:
+            return self.refine.lr_multiplier
+        if isinstance(self.refine.from_, float):
+            return next(m for m in self.lr_multipliers if math.isclose(m, self.refine.from_))
+        if len(self.lr_multipliers) == 1:
+            return self.lr_multipliers[0]
+        return None
+
+    @property
+    def variant_labels(self) -> list[str]:
+        """The refinement variants' schedule labels the refine settings enable, in column order."""
+        if not any(s.name == REFINED for s in self.schedules):
+            return []
+        out = [REFINED_AGG] if self.refine.aggregate != "none" else []
+        out += [round_label(k) for k in range(2, self.refine.rounds + 1)]
+        if self.refine.transfer_from is not None:
+            out.append(REFINED_XFER)
+        return out
+
+    @property
+    def run_schedules(self) -> list[RunSchedule]:
+        """`schedules` with the enabled refinement variants right after `refined`: every column
+        that gets runs (`plan` and `check_runs` iterate this)."""
+        variants = [RunSchedule(label=v, name=REFINED) for v in self.variant_labels]
+        out: list[RunSchedule] = []
         for s in self.schedules:
+            out.append(s)
+            if s.name == REFINED and s.label == REFINED:
+                out += variants
+                variants = []
+        return out + variants
+
+    def schedule(self, label: str) -> RunSchedule:
+        for s in self.run_schedules:
             if s.label == label:
                 return s
         raise KeyError(label)
@@ -305,6 +396,38 @@ def _parse_lists(raw: dict) -> tuple[list[str], list[int], list[float]]:
     return sizes, seeds, lrm
 
 
+def _check_refine_combinations(refine: RefineSettings, raw: dict, sizes: list[str], seeds: list[int], lrm: list[float]) -> None:
+    """The refine settings that cannot go together, refused up front (one line naming the key)."""
+    src = refine.from_
+    if src is not None and refine.lr_multiplier is not None:
+        raise _err(("refine", "lr_multiplier"), "and refine.from both pick the baseline's LR; keep only refine.from")
+    if isinstance(src, float) and not any(math.isclose(src, m) for m in lrm):
+        raise _err(("refine", "from"), f"{src:g} is not in lr_multipliers {lrm}; use best, each or one of them")
+    labels = []
+    for item in raw.get("schedules") or []:
+        labels.append(item if isinstance(item, str) else (item.get("label", item.get("name")) if isinstance(item, Mapping) else None))
+    if not refine.variants:
+        return
+    first = next(k for k in ("aggregate", "rounds", "transfer_from")
+                 if getattr(refine, k) != getattr(RefineSettings(), k))
+    names = [it if isinstance(it, str) else (it.get("name") if isinstance(it, Mapping) else None)
+             for it in (raw.get("schedules") or [BASELINE, REFINED, "cosine"])]
+    if REFINED not in names:
+        raise _err(("refine", first), "adds a variant of the refined schedule; list 'refined' in schedules too")
+    if src == "each" and len(lrm) > 1:
+        raise _err(("refine", first), "cannot be combined with refine.from: each (one schedule per LR); use best or a multiplier")
+    if refine.aggregate != "none" and len(seeds) < 2:
+        raise _err(("refine", "aggregate"), f"{refine.aggregate!r} aggregates over the baseline's seeds; list at least 2 seeds")
+    if refine.transfer_from is not None:
+        if refine.transfer_from not in sizes:
+            raise _err(("refine", "transfer_from"), f"{refine.transfer_from!r} is not one of the recipe's sizes {sizes}")
+        if len(sizes) < 2:
+            raise _err(("refine", "transfer_from"), "needs at least 2 sizes (the schedule is applied to the others)")
+    for label in (REFINED_AGG, REFINED_XFER, *(round_label(k) for k in range(2, refine.rounds + 1))):
+        if label in labels:
+            raise _err("schedules", f"label {label!r} is the refine settings' variant column; give that schedule another label")
+
+
 def _parse(raw: Any, path: str | None) -> Recipe:
     if not isinstance(raw, dict):
         raise _err((), f"a recipe is a YAML mapping (key: value); got {type(raw).__name__}")
@@ -317,6 +440,7 @@ def _parse(raw: Any, path: str | None) -> Recipe:
         raise _err(("refine", "seed"), f"{refine.seed} is not one of the recipe's seeds {seeds}")
     if refine.lr_multiplier is not None and not any(math.isclose(refine.lr_multiplier, m) for m in lrm):
         raise _err(("refine", "lr_multiplier"), f"{refine.lr_multiplier} is not in lr_multipliers {lrm}")
+    _check_refine_combinations(refine, raw, sizes, seeds, lrm)
     pretrain = check_value(raw.get("pretrain") or {}, dict[str, Any], ("pretrain",))
     _refuse_pipeline_keys(pretrain, ("pretrain",))
     _check_data(pretrain, Path(path).resolve().parent if path else Path.cwd())
@@ -342,7 +466,7 @@ def check_runs(recipe: Recipe) -> None:
     """Resolve the config of every run the recipe implies (refined and controls, every LR and
     seed), so a bad value anywhere fails now. Errors name the pretrain key and the run."""
     for size in recipe.sizes:
-        for sched in recipe.schedules:
+        for sched in recipe.run_schedules:
             for lrm in recipe.lr_multipliers:
                 for seed in recipe.seeds:
                     try:
@@ -381,6 +505,6 @@ def load_recipe(path: str | os.PathLike, *, check_pretrain: bool = True) -> Reci
 
 
 __all__ = [
-    "BASELINE", "REFINED", "LAUNCHERS", "Recipe", "RunSchedule", "RefineSettings", "SharedScheduleOptions",
+    "BASELINE", "REFINED", "REFINED_AGG", "REFINED_XFER", "round_label", "LAUNCHERS", "Recipe", "RunSchedule", "RefineSettings", "SharedScheduleOptions",
     "LaunchSettings", "SlurmSettings", "RefinedSchedule", "load_recipe", "parse_recipe", "check_runs",
 ]

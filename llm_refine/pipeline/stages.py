@@ -120,6 +120,7 @@ class TrainStage(PipelineStage):
     seed: int | None = None
     lr_multiplier: float | None = None
     config: PretrainConfig | None = None  # the run's resolved config (built by plan.py only)
+    schedule_file: Path | None = None  # refined-type runs: the schedule file it trains from
 
     def launch_args(self) -> TrainArgs:
         return train_args(self)
@@ -147,7 +148,9 @@ class TrainStage(PipelineStage):
 
     @property
     def refined_file(self) -> Path | None:
-        return self.run_dir.parent / REFINED_FILE if self.schedule_name == REFINED else None
+        if self.schedule_name != REFINED:
+            return None
+        return Path(self.schedule_file) if self.schedule_file is not None else self.run_dir.parent / REFINED_FILE
 
     # -- state
 
@@ -242,42 +245,226 @@ def refine_detail(art: dict) -> str:
     return "  ".join(bits)
 
 
+def final_loss(run_dir: Path) -> float | None:
+    """A finished run's final validation loss: eval.json's val_loss if present, else summary.json's."""
+    for name, key in ((EVAL_FILE, "val_loss"), (SUMMARY, "final_val_loss")):
+        v = (read_json(run_dir / name) or {}).get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def best_lr(candidates: dict[float, dict[int, Path]]) -> tuple[float, dict] | None:
+    """(lr multiplier, info) with the lowest mean final loss over seeds; None while a run has no
+    loss yet. One LR needs no loss. ``info`` has every LR's mean and whether the best is on the
+    grid's edge (and which way to extend it)."""
+    lrs = sorted(candidates)
+    if len(lrs) == 1:
+        return lrs[0], {"lr_multiplier": lrs[0], "by": "fixed"}
+    means = {}
+    for m in lrs:
+        losses = [final_loss(rd) for rd in candidates[m].values()]
+        if any(v is None for v in losses):
+            return None
+        means[m] = sum(losses) / len(losses)
+    best = min(lrs, key=lambda m: means[m])
+    edge = "upper" if best == lrs[-1] else ("lower" if best == lrs[0] else None)
+    info = {"lr_multiplier": best, "by": "lowest mean final loss over seeds",
+            "mean_loss": {f"{m:g}": round(v, 6) for m, v in means.items()}, "edge": edge}
+    return best, info
+
+
+def _sha_or_none(p: Path) -> str | None:
+    return sha256_file(p) if p.exists() else None
+
+
 @dataclass(kw_only=True)
 class RefineStage(PipelineStage):
+    """Writes one refined schedule. The plain case (one fixed baseline, ``baseline_dir``) is
+    `refine_fn(history, output, norm, tau)`; the others record what they used under the
+    provenance's ``pipeline`` key (the source runs and their sha256, the chosen LR, the variant's
+    settings), and are skipped only when that matches what they would use now:
+
+    - ``candidates`` (LR -> seed -> run dir): refine.from: best, aggregation, rounds — the LR with
+      the lowest mean final loss over seeds is picked when the stage runs (its deps are all of them);
+      then the run of ``seed``, or with ``aggregate`` the per-step median/mean over every seed's norms;
+    - ``transfer_file``: another size's refined schedule resampled to ``target_steps``.
+    """
+
     kind: ClassVar[str] = "refine"
 
-    baseline_dir: Path  # the run whose history is refined
+    baseline_dir: Path | None = None  # the run whose history is refined (the plain case)
+    candidates: dict[float, dict[int, Path]] | None = None
+    seed: int | None = None
+    aggregate: str = "none"
+    variant: str = REFINED
+    output_name: str = REFINED_FILE
+    transfer_file: Path | None = None
+    target_steps: int | None = None
 
     @property
     def output(self) -> Path:
-        return self.run_dir / REFINED_FILE
+        return self.run_dir / self.output_name
+
+    # -- what the schedule is (to be) made from
+
+    def resolve(self) -> dict | None:
+        """{"sources": [run dirs or files], "chosen": {...}}, or None while an input is missing."""
+        if self.transfer_file is not None:
+            return {"sources": [self.transfer_file], "chosen": {"transfer_from": self.spec.get("transfer_from")}} \
+                if self.transfer_file.exists() else None
+        if self.candidates is None:
+            return {"sources": [self.baseline_dir], "chosen": {}}
+        picked = best_lr(self.candidates)
+        if picked is None:
+            return None
+        m, info = picked
+        runs = self.candidates[m]
+        dirs = list(runs.values()) if self.aggregate != "none" else [runs[self.seed]]
+        return {"sources": dirs, "chosen": info}
+
+    def settings(self) -> dict:
+        """The variant's settings as recorded in (and compared with) the provenance."""
+        return {k: v for k, v in self.spec.items() if k not in ("norm", "tau")}
+
+    def _expected(self, res: dict) -> dict | None:
+        files = [Path(p) if self.transfer_file is not None else Path(p) / GRADNORMS for p in res["sources"]]
+        if any(not f.exists() for f in files):
+            return None
+        digests = [schedule_digest(f) for f in files] if self.transfer_file is not None else [sha256_file(f) for f in files]
+        return {"sources": [{"path": str(f), "sha256": d} for f, d in zip(files, digests)],
+                "settings": self.settings(), "chosen": res["chosen"]}
 
     def state(self) -> str:
-        """SKIPPED when the schedule's provenance names the same norm, tau and the baseline
-        history's current sha256; else RUNNING."""
+        """SKIPPED when the schedule's provenance names the same norm, tau and sources (their
+        current sha256) — and for a variant the same settings and chosen LR; else RUNNING."""
         art = read_json(self.output)
         if art is None:
             return RUNNING
         prov = art.get("provenance", {})
-        hist = self.baseline_dir / GRADNORMS
-        same = (
-            prov.get("norm") == self.spec["norm"]
-            and prov.get("tau") is not None
-            and math.isclose(float(prov["tau"]), float(self.spec["tau"]))
-            and hist.exists()
-            and prov.get("source_sha256") == sha256_file(hist)
-        )
+        if self.transfer_file is None:
+            same_refine = (prov.get("norm") == self.spec["norm"] and prov.get("tau") is not None
+                           and math.isclose(float(prov["tau"]), float(self.spec["tau"])))
+            if not same_refine:
+                return RUNNING
+        if self.candidates is None and self.transfer_file is None:
+            hist = self.baseline_dir / GRADNORMS
+            return SKIPPED if hist.exists() and prov.get("source_sha256") == sha256_file(hist) else RUNNING
+        res = self.resolve()
+        exp = self._expected(res) if res is not None else None
+        # The chosen LR shows in the sources (its run dirs); the means themselves may move (eval.json
+        # written after the refinement) without the schedule's inputs changing.
+        got = prov.get("pipeline") or {}
+        same = exp is not None and all(got.get(k) == exp[k] for k in ("sources", "settings"))
         return SKIPPED if same else RUNNING
 
     def detail(self) -> str:
-        return refine_detail(read_json(self.output) or {})
+        art = read_json(self.output) or {}
+        d = refine_detail(art)
+        pipe = (art.get("provenance") or {}).get("pipeline") or {}
+        chosen = pipe.get("chosen") or {}
+        bits = []
+        if pipe.get("sources"):
+            names = [Path(x["path"]).parent.name if x["path"].endswith(GRADNORMS) else Path(x["path"]).parent.name + "/" + Path(x["path"]).name
+                     for x in pipe["sources"]]
+            bits.append("from " + ",".join(names))
+        if chosen.get("by", "fixed") != "fixed":
+            bits.append(f"best lr x{chosen['lr_multiplier']:g}" + (f" (on the grid's {chosen['edge']} edge)" if chosen.get("edge") else ""))
+        return "  ".join(bits + ([d] if d else []))
 
     def execute(self, ctx: StageContext) -> str:
-        hist = self.baseline_dir / GRADNORMS
-        if not hist.exists():
-            raise RuntimeError(f"{hist}: the baseline run recorded no gradient-norm history")
-        ctx.refine_fn(hist, self.output, norm=ctx.recipe.refine.norm, tau=ctx.recipe.refine.tau)
+        if self.candidates is None and self.transfer_file is None:
+            hist = self.baseline_dir / GRADNORMS
+            if not hist.exists():
+                raise RuntimeError(f"{hist}: the baseline run recorded no gradient-norm history")
+            ctx.refine_fn(hist, self.output, norm=ctx.recipe.refine.norm, tau=ctx.recipe.refine.tau)
+            return self.detail()
+        res = self.resolve()
+        if res is None:
+            what = self.transfer_file if self.transfer_file is not None else "a source run's final loss"
+            raise RuntimeError(f"{self.id}: {what} is missing; its source runs must finish first")
+        exp = self._expected(res)
+        if exp is None:
+            raise RuntimeError(f"{self.id}: a source run recorded no gradient-norm history ({GRADNORMS})")
+        if self.transfer_file is not None:
+            art = transfer_schedule(self.transfer_file, self.output, steps=self.target_steps, pipeline=exp)
+        elif len(res["sources"]) == 1 and self.aggregate == "none":
+            ctx.refine_fn(Path(res["sources"][0]) / GRADNORMS, self.output, norm=self.spec["norm"], tau=self.spec["tau"])
+            art = _add_pipeline_provenance(self.output, exp)
+        else:
+            art = refine_aggregate([Path(p) / GRADNORMS for p in res["sources"]], self.output, how=self.aggregate,
+                                   norm=self.spec["norm"], tau=self.spec["tau"], pipeline=exp)
+        del art
         return self.detail()
+
+
+def _add_pipeline_provenance(path: Path, pipeline: dict) -> dict:
+    """Record under provenance.pipeline what the pipeline refined (sources, chosen LR, settings)."""
+    from ..artifact import read_schedule, write_schedule
+
+    art = read_schedule(path)
+    art["provenance"]["pipeline"] = pipeline
+    write_schedule(path, art)
+    return art
+
+
+def refine_aggregate(histories: list[Path], out_file: Path, *, how: str, norm: str, tau: float, pipeline: dict) -> dict:
+    """Refine the per-step ``how`` (median or mean) of the norms of several histories (one per
+    seed; same steps required) into ``out_file``; the provenance lists every source and sha256."""
+    import warnings
+
+    import numpy as np
+
+    from ..artifact import make_schedule_artifact, write_schedule
+    from ..history import NormTrace, load_trace
+    from ..refine import refine_trace
+
+    traces = [load_trace(h, norm=norm) for h in histories]
+    first = traces[0]
+    for t in traces[1:]:
+        if t.steps.shape != first.steps.shape or not np.array_equal(t.steps, first.steps):
+            raise UserError(f"{t.source}: logs {t.steps.size} steps, {first.source} {first.steps.size} (or other steps); "
+                            f"refine.aggregate needs histories of the same steps (same max_steps and logging)")
+    stack = np.vstack([t.values for t in traces])
+    values = np.median(stack, axis=0) if how == "median" else np.mean(stack, axis=0)
+    trace = NormTrace(first.steps.copy(), values, f"{how} of {len(traces)} histories", first.column, dict(first.meta),
+                      max(t.skipped_steps for t in traces))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, info = refine_trace(trace, norm=norm, tau=tau)
+    prov = {
+        "source": pipeline["sources"][0]["path"], "source_sha256": pipeline["sources"][0]["sha256"],
+        "sources": [dict(s) for s in pipeline["sources"]], "aggregate": how,
+        "column": first.column, "norm": norm, "power": info["power"], "tau": tau, "median_width": info["width"],
+        "T": int(m.size), "first_step": info["prep"]["first_step"], "last_step": info["prep"]["last_step"],
+        "pipeline": pipeline,
+    }
+    art = make_schedule_artifact(m, provenance=prov, diagnostics=info["diagnostics"], fit=info["fit"])
+    write_schedule(out_file, art)
+    return art
+
+
+def transfer_schedule(source: Path, out_file: Path, *, steps: int, pipeline: dict) -> dict:
+    """Another run's refined schedule resampled (linearly, over normalized time) to ``steps``."""
+    import numpy as np
+
+    from ..artifact import make_schedule_artifact, read_schedule, write_schedule
+    from ..refine import describe_schedule, fit_warmup_poly
+
+    src = read_schedule(source)
+    m0 = np.asarray(src["multipliers"], dtype=np.float64)
+    m = np.interp(np.linspace(0.0, 1.0, steps), np.linspace(0.0, 1.0, m0.size), m0)
+    m = m / m.max()
+    sp = src.get("provenance") or {}
+    prov = {
+        "source": str(source), "source_sha256": sha256_file(source), "transferred_from": pipeline["settings"].get("transfer_from"),
+        "source_T": int(m0.size), "T": int(m.size), "resampled": "linear over normalized time",
+        "norm": sp.get("norm"), "tau": sp.get("tau"), "refined_from": sp.get("source"),
+        "refined_from_sha256": sp.get("source_sha256"), "pipeline": pipeline,
+    }
+    art = make_schedule_artifact(m, provenance=prov, diagnostics=describe_schedule(m), fit=fit_warmup_poly(m))
+    write_schedule(out_file, art)
+    return art
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,5 +540,5 @@ class ReportStage(PipelineStage):
 __all__ = [
     "SKIPPED", "RESUMED", "RUNNING", "DONE", "FAILED", "BLOCKED", "INTERRUPTED", "EMITTED", "now", "StageContext",
     "PipelineStage", "TrainStage", "RefineStage", "EvaluateStage", "ReportStage", "refine_baseline", "refine_detail",
-    "evaluate_run",
+    "evaluate_run", "final_loss", "best_lr", "refine_aggregate", "transfer_schedule",
 ]

@@ -28,18 +28,23 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..labels import BASELINE
 from ..train.rundir import EVAL_FILE, RUN_CONFIG, SUMMARY
-from .collect import RunResult, refined_schedules
-from .plots import plot_gradnorms, plot_loss_vs_lr, plot_loss_vs_size, plot_schedules, plot_val_curves
+from .collect import RunResult, ScheduleFile, refined_schedules, schedule_files
+from .plots import plot_gradnorms, plot_loss_vs_lr, plot_loss_vs_size, plot_schedule_files, plot_schedules, plot_val_curves
 from .render import render
 from .stats import (
     NOISE_RATIO,
     VERDICT_RULE,
     baseline_for,
+    best_cells,
     comparison_table,
     fairness_rows,
     flat_scalars,
+    fmt_flops,
+    fmt_loss,
     fmt_num,
     is_degenerate,
+    lr_edge_warnings,
+    tuned_table,
     loss_table,
     noise,
     noise_table,
@@ -47,6 +52,8 @@ from .stats import (
     rel_path,
     runs_table,
     sched_sort,
+    schedule_compute,
+    schedule_distance,
     size_order,
     sweep_table,
     tau_of,
@@ -102,6 +109,15 @@ def _loss_section(runs: list[RunResult], plots: Path) -> list[tuple]:
               f"the verdict. Loss source: {', '.join(srcs)} "
               f"({EVAL_FILE} = the final checkpoint evaluated on the held-out validation set)."),
     ]
+    tuned = tuned_table(runs)
+    if tuned is not None:
+        blocks += [
+            ("h3", f"Tuned comparison: each schedule at its own best peak LR vs {BASELINE} at its own"),
+            ("table", *tuned),
+            ("p", "The best LR of a schedule is the one with the lowest mean final loss over seeds; Δ pairs the "
+                  "two best cells by seed."),
+        ]
+    blocks += [("warn", w) for w in lr_edge_warnings(runs)]
     missing = [r for r in runs if r.final_val_loss is None]
     if missing:
         blocks.append(("warn", f"{len(missing)} run(s) finished without a final loss: "
@@ -194,6 +210,103 @@ def _refinement_section(runs: list[RunResult], arts: Artifacts, out: Path) -> li
     return blocks
 
 
+def _reference(f: ScheduleFile, files: list[ScheduleFile]) -> ScheduleFile | None:
+    """What a variant's schedule is compared with: round k with round k−1, the others with `refined`."""
+    label = f.label
+    if label.startswith("refined-r") and label[9:].isdigit():
+        k = int(label[9:])
+        want = "refined" if k == 2 else f"refined-r{k - 1}"
+    elif label != "refined":
+        want = "refined"
+    else:
+        return None
+    same_lr = [g for g in files if g.size == f.size and g.label == want and set(g.lr_multipliers) & set(f.lr_multipliers)]
+    return (same_lr or [g for g in files if g.size == f.size and g.label == want] or [None])[0]
+
+
+def _sources_text(f: ScheduleFile, out: Path) -> str:
+    prov = f.artifact.get("provenance") or {}
+    pipe = prov.get("pipeline") or {}
+    srcs = pipe.get("sources") or prov.get("sources") or [{"path": prov.get("source"), "sha256": prov.get("source_sha256")}]
+    parts = [f"{_shown(s.get('path'), out) if s.get('path') else '?'} ({str(s.get('sha256') or '?')[:12]}…)" for s in srcs]
+    if prov.get("aggregate"):
+        parts.insert(0, f"per-step {prov['aggregate']} of")
+    return " ".join(parts)
+
+
+def _chosen_text(f: ScheduleFile) -> str:
+    ch = ((f.artifact.get("provenance") or {}).get("pipeline") or {}).get("chosen") or {}
+    if ch.get("transfer_from"):
+        return f"transferred from {ch['transfer_from']}, resampled to {len(f.artifact.get('multipliers') or [])} steps"
+    if ch.get("by") and ch.get("by") != "fixed":
+        means = ", ".join(f"×{k}: {v:.4f}" for k, v in (ch.get("mean_loss") or {}).items())
+        edge = f"; on the grid's {ch['edge']} edge" if ch.get("edge") else ""
+        return f"best ×{ch['lr_multiplier']:g} ({means}){edge}"
+    return "fixed by the recipe"
+
+
+def _variants_section(runs: list[RunResult], files: list[ScheduleFile], out: Path, plots: Path) -> list[tuple]:
+    """Every refined-type schedule (the plain refinement, one per LR, aggregated, rounds,
+    transferred): its sources, how its baseline was chosen, how far it moved, what it cost; then
+    transferred vs per-size refined."""
+    if not any(f.label != "refined" for f in files) and len({(f.size, f.label) for f in files}) == len(files):
+        return []
+    header = ["size", "schedule", "file", "used at LR", "refined from (sha256)", "source chosen", "steps", "warm-up", "peak at",
+              "above half", "mean |Δ| vs", "source training: FLOPs, wall s"]
+    rows = []
+    for f in sorted(files, key=lambda f: (size_order(runs).index(f.size) if f.size in size_order(runs) else 99,
+                                          sched_sort(g.label for g in files).index(f.label), f.lr_multipliers)):
+        diag = f.artifact.get("diagnostics") or {}
+        ref = _reference(f, files)
+        dist = schedule_distance(f.artifact, ref.artifact) if ref is not None else None
+        flops, wall, _ = schedule_compute(f.artifact, runs)
+        rows.append([
+            f.size, f.label, rel_path(f.path, out), ", ".join(f"×{m:g}" for m in sorted(f.lr_multipliers)) or "?", _sources_text(f, out),
+            _chosen_text(f), str(len(f.artifact.get("multipliers") or [])),
+            f"{fmt_num(diag.get('warmup_steps'))} steps", f"step {fmt_num(diag.get('peak_step'))} ({_pct(diag.get('peak_fraction'))})",
+            _pct(diag.get("above_half_fraction")),
+            f"{fmt_num(dist, 3)} ({ref.label})" if ref is not None and dist is not None else "—",
+            f"{fmt_flops(flops)}, {fmt_num(wall, 1)}",
+        ])
+    blocks: list[tuple] = [
+        ("h2", "Refinement variants"),
+        ("table", header, rows),
+        ("p", "Each refined-type schedule file the runs trained with, with the run histories it was refined from "
+              "(path and sha256; an aggregated schedule lists every seed's). Source chosen: with refine.from: best the "
+              "baseline LR with the lowest mean final validation loss over seeds, picked once the baselines ran. "
+              "Mean |Δ|: the mean absolute difference of the multipliers over normalized time from the previous round "
+              "(rounds) or from the plain refined schedule (aggregated, transferred). Source training: the approximate "
+              "compute (6 · parameters · tokens) and wall time of the runs whose norms the schedule needed."),
+    ]
+    xfer = [sz for sz in size_order(runs) if any(f.size == sz and f.label == "refined-xfer" for f in files)]
+    if xfer:
+        best = best_cells(runs)
+        trows = []
+        for sz in xfer:
+            own = next((f for f in files if f.size == sz and f.label == "refined"), None)
+            tr = next(f for f in files if f.size == sz and f.label == "refined-xfer")
+            lo, lt = best.get((sz, "refined"), (None, None)), best.get((sz, "refined-xfer"), (None, None))
+            d = lt[1].mean - lo[1].mean if lo[1] is not None and lt[1] is not None and lo[1].mean is not None and lt[1].mean is not None else None
+            co = schedule_compute(own.artifact, runs) if own is not None else (None, None, [])
+            ct = schedule_compute(tr.artifact, runs)
+            trows.append([sz, fmt_loss(lo[1]), fmt_loss(lt[1]), fmt_num(d), f"{fmt_flops(co[0])}, {fmt_num(co[1], 1)}",
+                          f"{fmt_flops(ct[0])}, {fmt_num(ct[1], 1)} ({', '.join(r.size for r in ct[2]) or '?'})"])
+        blocks += [
+            ("h3", "Transferred vs per-size refined"),
+            ("table", ["size", "refined (own baseline)", "refined-xfer", "Δ xfer − own", "own schedule's source: FLOPs, wall s",
+                       "transferred schedule's source: FLOPs, wall s"], trows),
+            ("p", "Each at its best peak LR. The transferred schedule needs no baseline run at the target size: its "
+                  "cost is the source size's baseline, paid once for every size it is applied to."),
+        ]
+    for size in size_order(runs):
+        fs = [f for f in files if f.size == size]
+        if len(fs) > 1:
+            fig = plot_schedule_files(fs, size, plots / f"refinements-{_safe(size)}.png")
+            if fig:
+                blocks.append(("img", fig, f"{size}: the refined-type schedules over normalized time (rounds in order)"))
+    return blocks
+
+
 def _size_section(runs: list[RunResult], size: str, arts: Artifacts, plots: Path) -> list[tuple]:
     path = lambda kind: plots / f"{kind}-{_safe(size)}.png"  # noqa: E731
     base = baseline_for(runs, size)
@@ -232,6 +345,7 @@ def build_report(runs: list[RunResult], out: str | os.PathLike, *, title: str = 
         *([("h2", "Peak-LR sweep"), ("table", *sw)] if sw is not None else []),
         *_fairness_section(runs, out),
         *_refinement_section(runs, arts, out),
+        *_variants_section(runs, schedule_files(runs), out, plots),
         *(b for size in size_order(runs) for b in _size_section(runs, size, arts, plots)),
         ("h2", "Runs"),
         ("table", *runs_table(runs, out)),

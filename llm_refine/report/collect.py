@@ -203,10 +203,42 @@ def read_artifact(path: Path | None) -> dict | None:
     return art if isinstance(art, dict) else None
 
 
-def refined_schedules(runs: list[RunResult]) -> dict[str, tuple[Path, dict]]:
-    """size -> (path, artifact) of the refined schedule its refined runs used."""
-    out: dict[str, tuple[Path, dict]] = {}
+@dataclass
+class ScheduleFile:
+    """One refined-type schedule file the runs trained with (a size's `refined`, a variant, one LR)."""
+
+    size: str
+    label: str  # the schedule column whose runs used it
+    path: Path
+    artifact: dict
+    lr_multipliers: list[float] = field(default_factory=list)  # the LRs whose runs used it
+
+
+def schedule_files(runs: list[RunResult]) -> list[ScheduleFile]:
+    """Every refined-type schedule file used by the runs, once each, in the order first seen."""
+    out: dict[Path, ScheduleFile] = {}
     for r in runs:
+        if r.schedule_name != REFINED:
+            continue
+        f = r.refined_file
+        if f is None or not f.exists():
+            continue
+        key = Path(f).resolve()
+        if key not in out:
+            art = read_artifact(f)
+            if art is None or "multipliers" not in art:
+                continue
+            out[key] = ScheduleFile(r.size, r.schedule, Path(f), art)
+        if r.lr_multiplier is not None and r.lr_multiplier not in out[key].lr_multipliers:
+            out[key].lr_multipliers.append(r.lr_multiplier)
+    return list(out.values())
+
+
+def refined_schedules(runs: list[RunResult]) -> dict[str, tuple[Path, dict]]:
+    """size -> (path, artifact) of the refined schedule its refined runs used (the `refined`
+    column's when there is one; refinement variants are in `schedule_files`)."""
+    out: dict[str, tuple[Path, dict]] = {}
+    for r in sorted(runs, key=lambda r: r.schedule != REFINED):
         if r.schedule_name != REFINED or r.size in out:
             continue
         f = r.refined_file

@@ -68,6 +68,33 @@ def plot_schedules(runs: list[RunResult], size: str, path: Path, artifact: dict 
     return save_figure(fig, path)
 
 
+def plot_schedule_files(files, size: str, path: Path) -> Path | None:
+    """The raw multipliers of a size's refined-type schedule files (plain, per LR, aggregated,
+    rounds, transferred) over normalized time: how the schedule moves between variants/rounds."""
+    import numpy as np
+
+    fig, ax = new_figure(figsize=(6.5, 3.8))
+    drawn = 0
+    order = sched_sort(f.label for f in files)
+    for f in sorted(files, key=lambda f: (order.index(f.label), f.lr_multipliers)):
+        m = np.asarray(f.artifact.get("multipliers") or [], dtype=float)
+        if m.size < 2:
+            continue
+        lrs = ",".join(f"×{x:g}" for x in sorted(f.lr_multipliers))
+        ax.plot(np.linspace(0, 1, m.size), m, lw=1.3, color=f"C{order.index(f.label)}",
+                label=f.label + (f" ({lrs})" if sum(g.label == f.label for g in files) > 1 else ""))
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("progress (step / steps)")
+    ax.set_ylabel("multiplier")
+    ax.set_title(f"{size}: refined schedules")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def _draw_val_curves(runs: list[RunResult], size: str, axes) -> tuple[int, list[float], int]:
     """Draw each schedule's runs at its best LR on ``axes``: (curves drawn, late values, last step)."""
     best = best_cells(runs)

@@ -48,10 +48,15 @@ class Cell:
 
 
 def sched_sort(labels: Iterable[str]) -> list[str]:
-    """Schedule labels in SCHEDULE_ORDER, then any others alphabetically."""
+    """Schedule labels in SCHEDULE_ORDER (refinement variants ``refined-*`` right after
+    ``refined``, rounds in order), then any others alphabetically."""
 
     def key(s):
-        return (SCHEDULE_ORDER.index(s) if s in SCHEDULE_ORDER else len(SCHEDULE_ORDER), s)
+        if s.startswith(REFINED + "-"):
+            rest = s[len(REFINED) + 1:]
+            sub = (0, int(rest[1:]), "") if rest[:1] == "r" and rest[1:].isdigit() else (1, 0, rest)
+            return (SCHEDULE_ORDER.index(REFINED), 1, sub)
+        return (SCHEDULE_ORDER.index(s) if s in SCHEDULE_ORDER else len(SCHEDULE_ORDER), 0, (0, 0, s))
 
     return sorted(set(labels), key=key)
 
@@ -82,6 +87,49 @@ def best_cells(runs: list[RunResult]) -> dict[tuple[str, str], tuple[float | Non
         if cur is None or (c.mean is not None and (cur[1].mean is None or c.mean < cur[1].mean)):
             best[(size, sched)] = (lr, c)
     return best
+
+
+def tuned_table(runs: list[RunResult]) -> Table | None:
+    """The paper's tuned protocol: per size each schedule at its own best peak LR against linear at
+    linear's own best, paired by seed (same seed = same initialization and data order); None without
+    an LR sweep."""
+    allc = cells(runs)
+    if len({lr for (_, _, lr) in allc if lr is not None}) < 2:
+        return None
+    best = best_cells(runs)
+    header = ["size", "schedule", "its best LR", "linear's best LR", "mean loss", "linear's", "Δ (paired by seed)"]
+    rows = []
+    for size in size_order(runs):
+        blr, bc = best.get((size, BASELINE), (None, None))
+        for sched in sched_sort(r.schedule for r in runs if r.size == size):
+            if sched == BASELINE or (size, sched) not in best:
+                continue
+            lr, c = best[(size, sched)]
+            d = paired_difference(seed_losses(c), seed_losses(bc)) if bc is not None else None
+            rows.append([size, sched, fmt_lr(lr, runs), fmt_lr(blr, runs), fmt_num(c.mean), fmt_num(bc.mean if bc else None),
+                         fmt_diff(d) if d is not None else NO_PAIRS])
+    return header, rows
+
+
+def lr_edge_warnings(runs: list[RunResult]) -> list[str]:
+    """One line per size × schedule whose best peak LR is the smallest or largest of the LRs it ran
+    at (a grid of at least two): the optimum may lie outside, and which way to extend the grid."""
+    allc = cells(runs)
+    out = []
+    for (size, sched), (lr, c) in sorted(best_cells(runs).items(), key=lambda kv: (size_order(runs).index(kv[0][0]), sched_sort([kv[0][1]]))):
+        lrs = sorted(x for (sz, sc, x) in allc if sz == size and sc == sched and x is not None and allc[(sz, sc, x)].mean is not None)
+        if len(lrs) < 2 or lr is None or c.mean is None:
+            continue
+        mult = any(r.lr_multiplier is not None for r in c.runs)
+        unit = (lambda x: f"×{x:g}") if mult else (lambda x: f"{x:g}")  # noqa: E731
+        grid = ", ".join(unit(x) for x in lrs)
+        if lr == lrs[-1]:
+            out.append(f"{size} / {sched}: the best peak LR {unit(lr)} is the largest in the grid [{grid}]; the optimum may be "
+                       f"higher: extend lr_multipliers upward (e.g. add {unit(lr * 2)}).")
+        elif lr == lrs[0]:
+            out.append(f"{size} / {sched}: the best peak LR {unit(lr)} is the smallest in the grid [{grid}]; the optimum may be "
+                       f"lower: extend lr_multipliers downward (e.g. add {unit(lr / 2)}).")
+    return out
 
 
 def baseline_for(runs: list[RunResult], size: str) -> RunResult | None:
@@ -611,3 +659,55 @@ def noise_table(runs: list[RunResult]) -> Table:
         rows.append([size, held, se, f"{nz.val_se_tokens:.5f}" if nz.val_se_tokens is not None else "not recorded",
                      sd, f"{nz.ratio:.2f}" if nz.ratio is not None else "—", ok])
     return header, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement variants: where each schedule came from, how far it moved, what it cost
+
+
+def schedule_source_dirs(art: dict) -> list[Path]:
+    """The run dirs whose histories a schedule file was refined from (a transferred schedule:
+    the other size's baseline its source schedule was refined from)."""
+    prov = art.get("provenance") or {}
+    pipe = prov.get("pipeline") or {}
+    if prov.get("refined_from"):
+        return [Path(prov["refined_from"]).parent]
+    paths = [s.get("path") for s in (prov.get("sources") or pipe.get("sources") or []) if isinstance(s, dict)]
+    paths = [p for p in paths if isinstance(p, str)] or ([prov["source"]] if isinstance(prov.get("source"), str) else [])
+    return [Path(p).parent for p in paths]
+
+
+def run_compute(r: RunResult) -> tuple[float | None, float | None]:
+    """(≈ training FLOPs 6·parameters·tokens, wall seconds) of one run, when recorded."""
+    flops = 6.0 * r.parameters * r.tokens_seen if r.parameters and r.tokens_seen else None
+    return flops, r.wall_time_s
+
+
+def schedule_compute(art: dict, runs: list[RunResult]) -> tuple[float | None, float | None, list[RunResult]]:
+    """The training compute that produced a schedule's source histories: (FLOPs, wall s, runs)."""
+    by_dir = {Path(r.run_dir).resolve(): r for r in runs}
+    src = [by_dir[d.resolve()] for d in schedule_source_dirs(art) if d.resolve() in by_dir]
+    comp = [run_compute(r) for r in src]
+    flops = sum(f for f, _ in comp) if src and all(f is not None for f, _ in comp) else None
+    wall = sum(w for _, w in comp) if src and all(w is not None for _, w in comp) else None
+    return flops, wall, src
+
+
+def schedule_distance(a: dict, b: dict) -> float | None:
+    """Mean |m_a − m_b| over normalized time (both resampled to the longer one): how far a schedule
+    moved from another (a previous round, the plain refinement)."""
+    import numpy as np
+
+    ma, mb = (np.asarray(x.get("multipliers") or [], dtype=float) for x in (a, b))
+    if ma.size < 2 or mb.size < 2:
+        return None
+    n = max(ma.size, mb.size)
+    t = np.linspace(0.0, 1.0, n)
+    ra = np.interp(t, np.linspace(0.0, 1.0, ma.size), ma)
+    rb = np.interp(t, np.linspace(0.0, 1.0, mb.size), mb)
+    return float(np.mean(np.abs(ra - rb)))
+
+
+def fmt_flops(x: float | None) -> str:
+    return "?" if x is None else f"{x:.3g}"
+

@@ -83,6 +83,7 @@ class SlurmCluster:
 
     def __init__(self, root: str | os.PathLike | None = None, *, nodes: int | list[str] = 2,
                  cpus_per_node: int | None = None):
+        self._own_root = root is None  # a directory it made itself is removed by stop()
         self.root = Path(root or tempfile.mkdtemp(prefix="llm-refine-slurm-"))
         self.host = socket.gethostname().split(".")[0]
         self.nodes = list(nodes) if isinstance(nodes, (list, tuple)) else default_node_names(nodes)
@@ -249,6 +250,8 @@ class SlurmCluster:
                 p.wait(timeout=10)
         self.procs.clear()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,13 @@ def test_refine_from_best_waits_for_the_sweep_and_picks_the_best_lr(tmp_path):
     assert (tmp_path / "out" / "plots" / "loss_vs_lr-cpu-0.5m.png").exists()
     # tuned: each schedule at its own best LR against linear at its own best, paired by seed
     assert "Tuned comparison" in md and "| cpu-0.5m | refined | lr×1 | lr×2 |" in md
+    # the gradient-norm plot shows the run the refinement read (the best LR's), not lr×1's
+    from llm_refine.report import collect_runs
+    from llm_refine.report.build import _refined_source
+    from llm_refine.report.collect import refined_schedules
+
+    runs = collect_runs([tmp_path / "out"])
+    assert _refined_source(runs, refined_schedules(runs)["cpu-0.5m"]).run_dir.name == "linear-lr2-seed0"
 
     # rerun: everything skipped (the eval.json losses written later do not re-refine)
     pipe2, lines2 = pipeline(tmp_path, LRLauncher(best={"linear": 2.0}), seeds=[0, 1], lr_multipliers=[0.5, 1.0, 2.0])
@@ -301,3 +309,33 @@ def test_interrupted_variant_run_resumes(tmp_path):
     st = states(lines2)
     assert st["cpu-0.5m/refine-agg"] == ["skipped"] and st["cpu-0.5m/refined-agg-seed1"] == ["resumed", "done"]
     assert launcher.resumed_from["cpu-0.5m/refined-agg-seed1"] == "checkpoint-20"
+
+
+def test_emit_slurm_chains_variant_refine_jobs_on_their_sources(tmp_path, monkeypatch):
+    import yaml
+
+    from llm_refine.pipeline.slurm import emit_slurm
+
+    monkeypatch.chdir(tmp_path)
+    raw = fake_recipe(seeds=[0, 1], lr_multipliers=[0.5, 1.0], refine={"aggregate": "mean", "rounds": 2, "transfer_from": "cpu-2m"})
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    pipe = Pipeline(parse_recipe(raw, path=str(recipe_path), check_pretrain=False), tmp_path / "out")
+    submit = emit_slurm(pipe, recipe_arg=str(recipe_path))
+    lines = [ln for ln in submit.read_text().splitlines() if "sbatch" in ln and "=$(" in ln]
+    var = {ln.split()[-1].rstrip(")").removesuffix(".sbatch").split("-", 1)[1]: ln.split("=", 1)[0] for ln in lines}
+
+    def deps(stage):
+        ln = next(ln for ln in lines if ln.endswith(f"-{stage}.sbatch)"))
+        return set(re.findall(r"\$(job\d+)", ln.split("--dependency=afterok:", 1)[1].split()[0])) if "--dependency" in ln else set()
+
+    jobs = {k: v.lstrip("$") for k, v in var.items()}
+    lin = {jobs[f"cpu-0.5m-linear-lr{m}-seed{s}"] for m in ("0.5", "1") for s in (0, 1)}
+    assert deps("cpu-0.5m-refine") == lin  # best: waits for the whole sweep
+    assert deps("cpu-0.5m-refine-agg") == lin
+    assert deps("cpu-0.5m-refine-r2") == {jobs[f"cpu-0.5m-refined-lr{m}-seed{s}"] for m in ("0.5", "1") for s in (0, 1)}
+    assert deps("cpu-0.5m-refine-xfer") == {jobs["cpu-2m-refine"]}
+    assert deps("cpu-0.5m-refined-xfer-lr1-seed0") == {jobs["cpu-0.5m-refine-xfer"]}
+    # the transfer's source size is submitted first
+    assert lines.index(next(ln for ln in lines if "cpu-2m-refine.sbatch" in ln)) < lines.index(
+        next(ln for ln in lines if "cpu-0.5m-refine-xfer.sbatch" in ln))

@@ -54,6 +54,7 @@ from .stats import (
     sched_sort,
     schedule_compute,
     schedule_distance,
+    schedule_source_dirs,
     size_order,
     sweep_table,
     tau_of,
@@ -268,8 +269,12 @@ def _variants_section(runs: list[RunResult], files: list[ScheduleFile], out: Pat
             f"{fmt_num(dist, 3)} ({ref.label})" if ref is not None and dist is not None else "—",
             f"{fmt_flops(flops)}, {fmt_num(wall, 1)}",
         ])
-    blocks: list[tuple] = [
-        ("h2", "Refinement variants"),
+    blocks: list[tuple] = [("h2", "Refinement variants")]
+    for f in files:
+        if f.label != "refined" and is_degenerate(f.artifact):
+            reason = (f.artifact.get("diagnostics") or {}).get("degenerate_reason") or "?"
+            blocks.append(("warn", f"{f.size} / {f.label}: the refinement is DEGENERATE ({reason}); its runs used it as it is."))
+    blocks += [
         ("table", header, rows),
         ("p", "Each refined-type schedule file the runs trained with, with the run histories it was refined from "
               "(path and sha256; an aggregated schedule lists every seed's). Source chosen: with refine.from: best the "
@@ -307,9 +312,18 @@ def _variants_section(runs: list[RunResult], files: list[ScheduleFile], out: Pat
     return blocks
 
 
+def _refined_source(runs: list[RunResult], entry: tuple[Path, dict] | None) -> RunResult | None:
+    """The run whose history the size's refined schedule was refined from (refine.from: best picks
+    it at run time), when it is among the runs."""
+    if entry is None:
+        return None
+    dirs = {d.resolve() for d in schedule_source_dirs(entry[1])}
+    return next((r for r in runs if Path(r.run_dir).resolve() in dirs and r.history.exists()), None)
+
+
 def _size_section(runs: list[RunResult], size: str, arts: Artifacts, plots: Path) -> list[tuple]:
     path = lambda kind: plots / f"{kind}-{_safe(size)}.png"  # noqa: E731
-    base = baseline_for(runs, size)
+    base = _refined_source(runs, arts.get(size)) or baseline_for(runs, size)
     figures = [
         (plot_gradnorms(base, path("gradnorms"), tau_of(arts.get(size))) if base else None,
          f"{size}: raw gradient norms of the linear baseline and the median filter the refinement used"),

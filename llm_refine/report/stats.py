@@ -54,7 +54,13 @@ def sched_sort(labels: Iterable[str]) -> list[str]:
     def key(s):
         if s.startswith(REFINED + "-"):
             rest = s[len(REFINED) + 1:]
-            sub = (0, int(rest[1:]), "") if rest[:1] == "r" and rest[1:].isdigit() else (1, 0, rest)
+            # the variants in the pipeline's order: refined-agg, refined-r2, refined-r3, ..., refined-xfer
+            if rest == "agg":
+                sub = (0, 0, "")
+            elif rest[:1] == "r" and rest[1:].isdigit():
+                sub = (1, int(rest[1:]), "")
+            else:
+                sub = (2 if rest == "xfer" else 3, 0, rest)
             return (SCHEDULE_ORDER.index(REFINED), 1, sub)
         return (SCHEDULE_ORDER.index(s) if s in SCHEDULE_ORDER else len(SCHEDULE_ORDER), 0, (0, 0, s))
 
@@ -97,7 +103,7 @@ def tuned_table(runs: list[RunResult]) -> Table | None:
     if len({lr for (_, _, lr) in allc if lr is not None}) < 2:
         return None
     best = best_cells(runs)
-    header = ["size", "schedule", "its best LR", "linear's best LR", "mean loss", "linear's", "Δ (paired by seed)"]
+    header = ["size", "schedule", "its best LR", "linear's best LR", "loss", "linear's loss", "Δ (paired by seed)"]
     rows = []
     for size in size_order(runs):
         blr, bc = best.get((size, BASELINE), (None, None))
@@ -106,7 +112,7 @@ def tuned_table(runs: list[RunResult]) -> Table | None:
                 continue
             lr, c = best[(size, sched)]
             d = paired_difference(seed_losses(c), seed_losses(bc)) if bc is not None else None
-            rows.append([size, sched, fmt_lr(lr, runs), fmt_lr(blr, runs), fmt_num(c.mean), fmt_num(bc.mean if bc else None),
+            rows.append([size, sched, fmt_lr(lr, runs), fmt_lr(blr, runs), fmt_loss(c), fmt_loss(bc),
                          fmt_diff(d) if d is not None else NO_PAIRS])
     return header, rows
 

@@ -218,6 +218,7 @@ def test_aggregated_refinement_lists_every_seed_and_resumes(tmp_path):
     hists = [out / f"linear-seed{s}" / "gradnorms.jsonl" for s in range(3)]
     assert p["sources"] == [{"path": str(h), "sha256": sha256_file(h)} for h in hists]
     assert p["aggregate"] == "median" and p["norm"] == "l1" and p["tau"] == 0.1
+    assert (out / "refined_schedule-agg.png").exists()
     # the median of the three histories, refined
     from llm_refine.history import load_trace
     from llm_refine.refine import refine_schedule

@@ -440,7 +440,12 @@ def refine_aggregate(histories: list[Path], out_file: Path, *, how: str, norm: s
         "pipeline": pipeline,
     }
     art = make_schedule_artifact(m, provenance=prov, diagnostics=info["diagnostics"], fit=info["fit"])
-    write_schedule(out_file, art)
+    from ..fileio import output_transaction
+    from ..plotting import plot_refinement
+
+    with output_transaction():  # the schedule and its plot (aggregated norms, smoothed, schedule) together
+        write_schedule(out_file, art)
+        plot_refinement(info, m, out_file.with_suffix(".png"), title=trace.source)
     return art
 
 

@@ -265,6 +265,12 @@ def test_rounds_refine_from_the_previous_rounds_run(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| cpu-0.5m | refined-r2 |" in md and "(refined)" in md and "(refined-r2)" in md  # Δ vs previous round
     assert (tmp_path / "out" / "plots" / "refinements-cpu-0.5m.png").exists()
+    # round 3's compute is its whole chain: refined-r2 at x1 <- refined at x0.5 <- linear at x1 (2 s each)
+    from llm_refine.report import collect_runs
+    from llm_refine.report.stats import schedule_compute
+
+    _, wall, chain = schedule_compute(json.loads((out / "refined_schedule-r3.json").read_text()), collect_runs([tmp_path / "out"]))
+    assert [r.run_dir.name for r in chain] == ["refined-r2-lr1", "refined-lr0.5", "linear-lr1"] and wall == 6.0
     pipe2, lines2 = pipeline(tmp_path, LRLauncher(best={"linear": 1.0, "refined": 0.5, "refined-r2": 1.0}), **kw)
     assert pipe2.run() == 0 and set(states(lines2)["cpu-0.5m/refine-r3"]) == {"skipped"}
 

@@ -281,7 +281,8 @@ def _variants_section(runs: list[RunResult], files: list[ScheduleFile], out: Pat
               "baseline LR with the lowest mean final validation loss over seeds, picked once the baselines ran. "
               "Mean |Δ|: the mean absolute difference of the multipliers over normalized time from the previous round "
               "(rounds) or from the plain refined schedule (aggregated, transferred). Source training: the approximate "
-              "compute (6 · parameters · tokens) and wall time of the runs whose norms the schedule needed."),
+              "compute (6 · parameters · tokens) and wall time of the runs whose norms the schedule needed (for a "
+              "round, its whole chain down to the linear baseline)."),
     ]
     xfer = [sz for sz in size_order(runs) if any(f.size == sz and f.label == "refined-xfer" for f in files)]
     if xfer:

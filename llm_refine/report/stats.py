@@ -690,9 +690,24 @@ def run_compute(r: RunResult) -> tuple[float | None, float | None]:
 
 
 def schedule_compute(art: dict, runs: list[RunResult]) -> tuple[float | None, float | None, list[RunResult]]:
-    """The training compute that produced a schedule's source histories: (FLOPs, wall s, runs)."""
+    """The training compute that produced a schedule's source histories: (FLOPs, wall s, runs). A
+    source run that itself trained on a refined schedule (iterated refinement) adds that schedule's
+    sources, down to the linear baseline: round k costs its whole chain."""
     by_dir = {Path(r.run_dir).resolve(): r for r in runs}
-    src = [by_dir[d.resolve()] for d in schedule_source_dirs(art) if d.resolve() in by_dir]
+    src: list[RunResult] = []
+    seen: set[Path] = set()
+    todo = [d.resolve() for d in schedule_source_dirs(art)]
+    while todo:
+        d = todo.pop(0)
+        r = by_dir.get(d)
+        if r is None or d in seen:
+            continue
+        seen.add(d)
+        src.append(r)
+        f = r.refined_file if r.schedule_name == REFINED else None
+        sub = read_artifact(f) if f is not None and f.exists() else None
+        if sub is not None:
+            todo += [x.resolve() for x in schedule_source_dirs(sub)]
     comp = [run_compute(r) for r in src]
     flops = sum(f for f, _ in comp) if src and all(f is not None for f, _ in comp) else None
     wall = sum(w for _, w in comp) if src and all(w is not None for _, w in comp) else None

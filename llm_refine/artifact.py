@@ -40,12 +40,10 @@ COMPACT_ENCODING = "float32-le-base64"
 
 
 def package_version() -> str:
-    try:
-        from importlib.metadata import version
+    """The version in its one place (also right when the package runs from a checkout, unbuilt)."""
+    from . import __version__
 
-        return version("llm-refine")
-    except Exception:
-        return "unknown"
+    return __version__
 
 
 def make_schedule_artifact(

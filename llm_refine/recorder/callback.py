@@ -105,6 +105,10 @@ class GradNormCallback(TrainerCallback):
 
     # -- setup ------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        from .._compat import warn_if_untested
+
+        warn_if_untested("transformers")  # the Trainer's loop is walked below
+        warn_if_untested("accelerate")  # the hook wraps Accelerator.clip_grad_norm_
         if self.hook is not None:  # a second train() call on the same Trainer
             self._teardown()
         trainer = self._trainer or find_trainer(inspect.currentframe().f_back)

@@ -435,6 +435,9 @@ def install_step_hook(
     Called once per optimizer step (at the gradient-accumulation boundary), whether the loop calls
     ``engine.step()`` itself or accelerate / the HF Trainer do it inside ``accelerator.backward``.
     """
+    from ..._compat import warn_if_untested
+
+    warn_if_untested("deepspeed")  # the engine's model step and the ZeRO partitions are patched
     if hasattr(type(engine), "_take_model_step"):
         target, attribute = engine, "_take_model_step"
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
-CONFIGS = ["single_cpu", "single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode"]
+CONFIGS = ["single_cpu", "single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode", "ddp_cpu", "multinode_cpu"]
 
 
 def _launch_options() -> set[str]:

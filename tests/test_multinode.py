@@ -37,7 +37,7 @@ import yaml
 from _cluster_slurm import SlurmCluster, free_port, slurm_missing
 from _pretrain_common import REPO, history_records
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.cluster]
 
 STEPS = 6
 SETS = [f"train.max_steps={STEPS}", "train.eval_every=3", "train.save_every=3", "train.print_every=0",

@@ -32,7 +32,7 @@ import yaml
 from _cluster_slurm import SlurmCluster, slurm_missing
 from _pretrain_common import REPO, history_records
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.cluster]
 
 CHAIN_TIMEOUT = 900  # seconds for a whole chain of jobs to drain
 SIZE = "cpu-0.5m"

@@ -160,7 +160,7 @@ def test_data_errors(tmp_path):
         prepare_data(DataConfig(source="files", path=str(tmp_path / "missing")))
     with pytest.raises(UserError, match="needs data.path"):
         DataConfig(source="files")
-    with pytest.raises(UserError, match="unknown data.source 'hub'"):
+    with pytest.raises(UserError, match="source: 'hub' is not allowed; choose one of embedded, files, c4"):
         DataConfig(source="hub")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(UserError, match="line 2 is not JSON"):

@@ -293,16 +293,41 @@ def split_jsonl(text: str) -> tuple[list[str], bool]:
     return lines, torn
 
 
-def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict]:
-    """The JSON objects of a JSON-lines file, one per non-empty line.
+def parse_jsonl(text: str, path: str | os.PathLike, *, record_hint: str = "a {...} record") -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a JSON-lines text.
 
-    The policy every reader of this project's logs shares: a last line without its newline whose
-    JSON does not parse is a write torn by a crash, and is dropped with a warning; any other line
-    that is not a JSON object is an error naming the file and line. A missing file is no records
-    (``missing_ok``) or FileNotFoundError.
+    The one policy of every reader of this project's JSON-lines files (logs, histories): a last line
+    without its newline is a write torn by a crash and is dropped with a warning (the writers end
+    every record with a newline); any other line that is not a JSON object is an error naming the
+    file and the line; ``record_hint`` says what a line should look like.
     """
     import warnings
 
+    from .errors import UserError
+
+    lines, torn = split_jsonl(text)
+    if torn:
+        warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
+        lines = lines[:-1]
+    out: list[tuple[int, dict]] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        except RecursionError:
+            raise UserError(f"{path}: line {i} is nested too deeply to be a record; fix or delete that line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {i} is not a JSON object; each line must be {record_hint}")
+        out.append((i, obj))
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict]:
+    """The JSON objects of a JSON-lines file (`parse_jsonl`'s policy). A missing file is no records
+    (``missing_ok``) or FileNotFoundError."""
     from .errors import UserError
 
     path = Path(path)
@@ -314,22 +339,7 @@ def read_jsonl(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict
         raise
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; a JSON-lines file must be UTF-8") from None
-    lines, torn = split_jsonl(text)
-    out: list[dict] = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if torn and i == len(lines):
-                warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
-                break
-            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {i} is not a JSON object; each line must be a {{...}} record")
-        out.append(obj)
-    return out
+    return [obj for _, obj in parse_jsonl(text, path)]
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:

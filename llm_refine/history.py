@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_write_text, split_jsonl
+from .fileio import atomic_write_text, parse_jsonl, split_jsonl
 
 FORMAT = "llm-refine/gradnorms"
 VERSION = 1
@@ -173,23 +173,9 @@ def _read_bytes(path: Path) -> bytes:
 def _read_jsonl_numbered(path: Path, data: bytes | None = None) -> tuple[dict, list[tuple[int, dict]]]:
     text = _decode_text(path, _read_bytes(path) if data is None else data, "JSON-lines history")
     del data
-    lines, torn = split_jsonl(text)
-    if torn:
-        warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
-        lines = lines[:-1]
     meta: dict = {}
     records: list[tuple[int, dict]] = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
-        except RecursionError:
-            raise UserError(f"{path}: line {i} is nested too deeply to be a record; fix or delete that line") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {i} is not a JSON object; each line must be {{\"step\": ..., \"l1\": ...}}")
+    for i, obj in parse_jsonl(text, path, record_hint='{"step": ..., "l1": ...}'):
         if "format" in obj and "step" not in obj:
             m = obj.get("meta", {})
             meta = dict(m) if isinstance(m, dict) else {}

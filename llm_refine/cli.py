@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, run_reporting_errors
 
 _WARN_LOGGER = "llm_refine.cli.warnings"
 _HOLD_WARNINGS = ("refine", "show", "plot")
@@ -276,10 +276,6 @@ class _StderrLine(logging.Handler):
             self.handleError(record)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split("\n"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -306,21 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
-            try:
+
+            def command() -> int:
                 rc = int(args.func(args) or 0)
                 for msg in held or ():
                     log.warning("%s", msg)
                 return rc
-            except UserError as e:
-                print(f"llm-refine {args.command}: error: {_one_line(e)}", file=sys.stderr)
-                return 2
-            except OSError as e:
-                name = getattr(e, "filename", None) or ""
-                print(f"llm-refine {args.command}: error: {name}: {_one_line(e.strerror or e)}; check the path", file=sys.stderr)
-                return 2
-            except KeyboardInterrupt:
-                print(f"llm-refine {args.command}: interrupted", file=sys.stderr)
-                return 130
+
+            return run_reporting_errors(f"llm-refine {args.command}", command)
     finally:
         log.removeHandler(handler)
 

@@ -10,3 +10,27 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input: the message says what is wrong and how to fix it."""
+
+
+def one_line(text) -> str:
+    """``text`` with its line breaks turned into spaces: every error is one line on stderr."""
+    return " ".join(str(text).split("\n"))
+
+
+def run_reporting_errors(prog: str, fn) -> int:
+    """``fn()``'s exit code; a `UserError` or an OSError (a bad path) becomes one line on stderr
+    and exit code 2, Ctrl-C a line and 130. The one place entry points turn errors into exits."""
+    import sys
+
+    try:
+        return int(fn() or 0)
+    except UserError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        name = getattr(e, "filename", None) or ""
+        print(f"{prog}: error: {name}: {one_line(e.strerror or e)}; check the path", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

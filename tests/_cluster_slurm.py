@@ -307,3 +307,23 @@ class SlurmCluster:
         """``scontrol show job`` as a dict (kept for MinJobAge after the job ends)."""
         p = self.run(["scontrol", "show", "job", "-o", str(job_id)], timeout=15)
         return dict(re.findall(r"(\w+)=(\S*)", p.stdout)) if p.returncode == 0 else {}
+
+
+def _cluster_fixture(tmp_path_factory):
+    """A two-node cluster for one test module (skipped with the reason when Slurm is missing)."""
+    import pytest
+
+    reason = slurm_missing()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
+    c.start()
+    yield c
+    c.stop()
+
+
+def cluster_fixture():
+    """``cluster = cluster_fixture()`` in a test module: the module-scoped ``cluster`` fixture."""
+    import pytest
+
+    return pytest.fixture(scope="module", name="cluster")(_cluster_fixture)

@@ -34,7 +34,7 @@ import time
 import pytest
 import yaml
 
-from _cluster_slurm import SlurmCluster, free_port, slurm_missing
+from _cluster_slurm import cluster_fixture, free_port
 from _pretrain_common import REPO, history_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.cluster]
@@ -155,15 +155,7 @@ def test_ddp_cpu_config_is_the_cpu_twin_of_ddp(tmp_path):
     assert seen["multi_cpu"] == ["process - of -"]  # one process, alone: the trap ddp_cpu.yaml avoids
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    reason = slurm_missing()
-    if reason:
-        pytest.skip(reason)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
-    c.start()
-    yield c
-    c.stop()
+cluster = cluster_fixture()
 
 
 def test_slurm_sh_on_two_slurm_nodes(reference, cluster, tmp_path):

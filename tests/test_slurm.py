@@ -29,7 +29,7 @@ import time
 import pytest
 import yaml
 
-from _cluster_slurm import SlurmCluster, slurm_missing
+from _cluster_slurm import SlurmCluster, cluster_fixture
 from _pretrain_common import REPO, history_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.cluster]
@@ -93,15 +93,7 @@ def _submit(cluster: SlurmCluster, recipe, out) -> dict:
     return {"ids": ids, "records": {sid: records.get(j, {}) for sid, j in ids.items()}, "info": info, "wall": wall}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    reason = slurm_missing()
-    if reason:
-        pytest.skip(reason)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
-    c.start()
-    yield c
-    c.stop()
+cluster = cluster_fixture()
 
 
 def test_local_cluster_runs_jobs_and_cancels_a_broken_chain(cluster, tmp_path):

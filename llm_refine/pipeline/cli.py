@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, run_reporting_errors
 from .launchers import InProcessLauncher, make_launcher
 from .recipe import LAUNCHERS, load_recipe
 from .runner import Pipeline
@@ -104,22 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    try:
-        return int(main_pipeline(args) or 0)
-    except UserError as e:
-        print(f"llm-refine pipeline: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        name = getattr(e, "filename", None) or ""
-        print(f"llm-refine pipeline: error: {name}: {_one_line(e.strerror or e)}; check the path", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llm-refine pipeline: interrupted", file=sys.stderr)
-        return 130
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split("\n"))
+    return run_reporting_errors("llm-refine pipeline", lambda: main_pipeline(args))
 
 
 if __name__ == "__main__":

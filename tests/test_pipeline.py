@@ -312,7 +312,7 @@ def test_emit_slurm_scripts_are_valid_and_chained(tmp_path, monkeypatch):
     pipe = Pipeline(parse_recipe(raw, path=str(recipe_path), check_pretrain=False), tmp_path / "out")
     submit = emit_slurm(pipe, recipe_arg=str(recipe_path))
     scripts = sorted(submit.parent.glob("*.sbatch"))
-    assert len(scripts) == len(pipe.stages) == 2 * (6 + 1 + 1) + 1
+    assert len(scripts) == len(pipe.stages) + 1 == 2 * (6 + 1 + 1) + 1 + 1  # + the data preparation job
     for f in [submit, *scripts]:
         r = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
         assert r.returncode == 0, (f, r.stderr)
@@ -329,13 +329,34 @@ def test_emit_slurm_scripts_are_valid_and_chained(tmp_path, monkeypatch):
     assert f"--dependency=afterok:${var[baseline]} " in refine_line
     refined = next(ln for ln in lines if "cpu-0.5m-refined-seed1" in ln)
     assert f"--dependency=afterok:${var[refine]} " in refined
+    # The report runs after every job, failed or not (afterany): it covers what finished.
     report = lines[-1]
-    assert report.count("$job") == 2  # after both sizes' evaluate stages
+    assert report.count("$job") == len(scripts) - 1 and "--dependency=afterany:" in report
+    # First the data preparation, alone; every training job waits for it.
+    assert lines[0].endswith("00-prepare.sbatch)") and "--dependency" not in lines[0]
     first = next(ln for ln in lines if baseline in ln)
-    assert "--dependency" not in first
+    assert "--dependency=afterok:$job0 " in first
+    # No job is left pending for ever when what it needs failed.
+    assert all("--kill-on-invalid-dep=yes" in ln for ln in lines)
+    for f in scripts:
+        assert "#SBATCH --kill-on-invalid-dep=yes" in f.read_text(), f
     train = (submit.parent / baseline).read_text()
     assert "#SBATCH --nodes=2" in train and "#SBATCH --gpus-per-node=8" in train and "#SBATCH --partition=gpu" in train
     assert "srun --ntasks-per-node=1 bash -c" in train and "--machine_rank" in train and "--num_processes" in train
+    # The rendezvous: the allocation's first node and the recipe's port unless the submitter set them.
+    assert 'export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"' in train
+    assert 'export MASTER_PORT="${MASTER_PORT:-29500}"' in train
+    # The job records its stage: a start line after the setup lines, an EXIT trap before them.
+    out_dir = tmp_path / "out"
+    start = f"llm-refine pipeline {recipe_path} --out {out_dir} --stage cpu-0.5m/linear-seed0 --job-start"
+    trap = f'llm-refine pipeline {recipe_path} --out {out_dir} --stage cpu-0.5m/linear-seed0 --job-exit "$rc"'
+    assert start in train and trap in train
+    assert train.index("trap _llm_refine_exit EXIT") < train.index("source venv/bin/activate") < train.index(start)
+    prep = (submit.parent / "00-prepare.sbatch").read_text()
+    assert "#SBATCH --nodes=1" in prep and "--gpus-per-node" not in prep and "source venv/bin/activate" in prep
+    # one preparation per distinct data setting: both sizes here share one
+    assert prep.count("--prepare-only") == 1
+    assert re.search(r"^python -m llm_refine.train \S+/cpu-0.5m/linear-seed0/run_config.json --prepare-only$", prep, re.M), prep
     cfg_file = tmp_path / "out" / "cpu-0.5m" / "linear-seed0" / "run_config.json"
     assert f"-m llm_refine.train {cfg_file}'" in train and "source venv/bin/activate" in train
     # the job trains from the resolved config the emit wrote, not from command-line strings
@@ -602,3 +623,143 @@ def test_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "exists and is not a directory" in err
     assert f.read_text() == "keep me"
+
+
+def test_per_size_lr_grids(tmp_path):
+    """`lr_multipliers` as a mapping: each size its own grid (the sweep at the small size, one LR at
+    the large one); run dirs carry `-lr` only where the size sweeps; refine.from best becomes a
+    fixed refinement at a one-LR size; every run's peak LR is its size's LR × its multiplier."""
+    raw = fake_recipe(seeds=[0, 1], lr_multipliers={"cpu-0.5m": [1.0, 2.0, 4.0], "cpu-2m": [2.0]},
+                      refine={"norm": "l1", "tau": 0.1, "from": "best"})
+    recipe = parse_recipe(raw, check_pretrain=True)
+    assert recipe.lr_grid("cpu-0.5m") == [1.0, 2.0, 4.0] and recipe.lr_grid("cpu-2m") == [2.0]
+    assert recipe.lr_multipliers == [1.0, 2.0, 4.0]  # the union, for display
+    assert recipe.refine_mode_at("cpu-0.5m") == "best" and recipe.refine_mode_at("cpu-2m") == "fixed"
+    by = {s.id: s for s in plan(recipe, tmp_path)}
+    small = [i for i in by if i.startswith("cpu-0.5m/linear")]
+    assert small == [f"cpu-0.5m/linear-lr{m}-seed{s}" for m in (1, 2, 4) for s in (0, 1)]
+    assert [i for i in by if i.startswith("cpu-2m/linear")] == ["cpu-2m/linear-seed0", "cpu-2m/linear-seed1"]
+    assert by["cpu-2m/refine"].deps == ["cpu-2m/linear-seed0"]  # one LR: refined from it, first seed
+    assert len(by["cpu-0.5m/refine"].deps) == 6  # best over the sweep
+    assert flat(by["cpu-2m/refined-seed1"].config)["train.learning_rate"] == pytest.approx(2e-3)
+    assert flat(by["cpu-0.5m/cosine-lr4-seed0"].config)["train.learning_rate"] == pytest.approx(4e-3)
+    # A uniform mapping is the plain list; bad mappings fail with one line naming the key.
+    same = parse_recipe(fake_recipe(lr_multipliers={"cpu-0.5m": [1.0], "cpu-2m": [1.0]}), check_pretrain=False)
+    assert same.lr_multipliers == [1.0] and same.size_lr_multipliers == {}
+    for bad, msg in (({"cpu-0.5m": [1.0]}, "has no grid for size 'cpu-2m'"),
+                     ({"cpu-0.5m": [1.0], "cpu-2m": [1.0], "cpu-8m": [1.0]}, "names size 'cpu-8m'"),
+                     ({"cpu-0.5m": [1.0], "cpu-2m": []}, "cpu-2m: is empty"),
+                     ({"cpu-0.5m": [1.0], "cpu-2m": [-1.0]}, "lr_multipliers.cpu-2m")):
+        with pytest.raises(UserError, match=re.escape(msg)):
+            parse_recipe(fake_recipe(lr_multipliers=bad), check_pretrain=False)
+    with pytest.raises(UserError, match=re.escape("size cpu-2m's lr_multipliers [2.0]")):
+        parse_recipe(fake_recipe(lr_multipliers={"cpu-0.5m": [1.0, 2.0], "cpu-2m": [2.0]}, refine={"from": 1.0}),
+                     check_pretrain=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state under --emit slurm: concurrent jobs, a job's own record, the report job's reconciliation
+
+
+def _hammer_state(out: Path, recipe, ids, stage, n: int) -> None:
+    from llm_refine.pipeline.state import StateFile
+
+    sf = StateFile(out, recipe, ids)
+    for k in range(n):
+        sf.set(stage, "running", count=k)
+
+
+def test_state_file_concurrent_writers_lose_no_update(tmp_path):
+    """Four processes rewrite their own stage's entry 40 times each at once: every entry ends at its
+    last value (an unlocked read-modify-write loses some), and the file is always whole JSON."""
+    import multiprocessing as mp
+
+    pipe, _ = make_pipeline(tmp_path)
+    stages = pipe.stages[:4]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer_state, args=(pipe.out, pipe.recipe, list(pipe.by_id), st, 40)) for st in stages]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    state = json.loads((pipe.out / "pipeline_state.json").read_text())["stages"]
+    assert {st.id: state[st.id]["count"] for st in stages} == {st.id: 39 for st in stages}
+    assert list(state) == [st.id for st in stages]  # in the recipe's order
+    assert not list(pipe.out.glob(".pipeline_state.json.*"))  # no temp file left behind
+
+
+def _slurm_states(pipe) -> dict[str, str]:
+    return {sid: e["state"] for sid, e in json.loads((pipe.out / "pipeline_state.json").read_text())["stages"].items()}
+
+
+def test_report_job_reconciles_a_failed_chain(tmp_path):
+    """What the jobs of a chain leave (no Slurm needed): the baseline's job failed (its exit trap
+    recorded it), its dependents' jobs were cancelled (no trace), the control run finished. The
+    report job (`--stage report`) settles every stage and says so in report.md."""
+    from llm_refine.pipeline.state import job_status_path
+
+    pipe, lines = make_pipeline(tmp_path, sizes=["cpu-0.5m"])
+    emit_slurm(pipe)
+    assert set(_slurm_states(pipe).values()) == {"emitted"}
+    assert pipe.record_job("cpu-0.5m/linear", job="11") == "running"
+    assert pipe.record_job("cpu-0.5m/linear", exit_code=3, job="11") == "failed"
+    assert pipe.run(only=["cpu-0.5m/cosine"]) == 0
+    job_status_path(pipe.out, "prepare").parent.mkdir(parents=True)
+    job_status_path(pipe.out, "prepare").write_text("0 10\n")
+    assert pipe.run(only=["report"]) == 0
+    assert _slurm_states(pipe) == {
+        "cpu-0.5m/linear": "failed", "cpu-0.5m/refine": "blocked", "cpu-0.5m/refined": "blocked",
+        "cpu-0.5m/cosine": "done", "cpu-0.5m/evaluate": "blocked", "report": "done"}
+    state = json.loads((pipe.out / "pipeline_state.json").read_text())["stages"]
+    assert state["cpu-0.5m/linear"]["exit_code"] == 3 and "exited with code 3" in state["cpu-0.5m/linear"]["error"]
+    assert state["cpu-0.5m/refine"]["blocked_by"] == ["cpu-0.5m/linear"]
+    assert any("cpu-0.5m/refine" in ln and "blocked" in ln and "needs cpu-0.5m/linear" in ln for ln in lines)
+    report = (pipe.out / "report.md").read_text()
+    assert "## Stages that did not finish" in report
+    assert "| `cpu-0.5m/linear` | failed | slurm job 11 exited with code 3 |" in report
+    assert "| `cpu-0.5m/evaluate` | blocked | (needs cpu-0.5m/linear, cpu-0.5m/refined) |" in report
+
+
+def test_report_job_reconciles_interrupted_unrecorded_and_unprepared(tmp_path):
+    """Jobs that left no record of their end: a checkpoint without summary (killed, resumable) is
+    interrupted; a job whose exit file says it failed is failed; after a failed data preparation,
+    the trainings that never ran are blocked by it."""
+    from llm_refine.pipeline.state import job_status_path
+
+    pipe, _ = make_pipeline(tmp_path, sizes=["cpu-0.5m"])
+    emit_slurm(pipe)
+    lin, cos = pipe.by_id["cpu-0.5m/linear"], pipe.by_id["cpu-0.5m/cosine"]
+    pipe.record_job(lin.id, job="21")
+    save_checkpoint(lin.run_dir, 20)  # then SIGKILL: no exit record
+    job_status_path(pipe.out, cos.id).parent.mkdir(parents=True, exist_ok=True)
+    job_status_path(pipe.out, cos.id).write_text("1 22\n")  # failed before llm-refine was on PATH
+    job_status_path(pipe.out, "prepare").write_text("2 20\n")
+    pipe.run(only=["report"])
+    state = json.loads((pipe.out / "pipeline_state.json").read_text())["stages"]
+    assert state[lin.id]["state"] == "interrupted" and "checkpoint" in state[lin.id]["error"]
+    assert state[cos.id]["state"] == "failed" and state[cos.id]["slurm_job"] == "22"
+    assert state["cpu-0.5m/refine"]["state"] == "blocked"
+    # the dry run still says what is left to do, from disk
+    assert pipe.by_id[lin.id].state() == "resumed"
+
+
+def test_job_exit_without_result_is_a_failure_and_a_stage_run_keeps_its_record(tmp_path):
+    pipe, _ = make_pipeline(tmp_path, sizes=["cpu-0.5m"])
+    emit_slurm(pipe)
+    pipe.record_job("cpu-0.5m/cosine", job="5")
+    assert pipe.record_job("cpu-0.5m/cosine", exit_code=0, job="5") == "failed"
+    assert "left no finished result" in pipe.state.entry("cpu-0.5m/cosine")["error"]
+    # a --stage job records its own end (with its job id); the trap's record keeps it
+    import os
+
+    os.environ["SLURM_JOB_ID"] = "6"
+    try:
+        assert pipe.run(only=["cpu-0.5m/cosine"]) == 0
+        assert pipe.record_job("cpu-0.5m/cosine", exit_code=0) == "done"
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+    e = pipe.state.entry("cpu-0.5m/cosine")
+    assert e["state"] == "done" and e["slurm_job"] == "6" and e["exit_code"] == 0 and "error" not in e
+    with pytest.raises(UserError, match="unknown stage"):
+        pipe.record_job("nope", exit_code=0)

@@ -33,6 +33,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train up to N runs at once, each in its own process (default 1: one after another)")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and their state, run nothing")
+    # What an emitted SLURM job records of its own stage in pipeline_state.json (with one --stage).
+    parser.add_argument("--job-start", action="store_true",
+                        help="record that this SLURM job starts the --stage (used by the emitted training jobs)")
+    parser.add_argument("--job-exit", type=int, default=None, metavar="CODE",
+                        help="record how this SLURM job of the --stage ended, from its exit code and the files "
+                             "on disk (used by the emitted jobs' exit trap)")
     return parser
 
 
@@ -85,6 +91,14 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
         print(f"wrote {len(list(submit.parent.glob('*.sbatch')))} sbatch scripts; submit them with: bash {submit}")
         return 0
     pipe = Pipeline(recipe, out, None)
+    job_start, job_exit = getattr(args, "job_start", False), getattr(args, "job_exit", None)
+    if job_start or job_exit is not None:
+        stages = getattr(args, "stage", None) or []
+        if len(stages) != 1 or (job_start and job_exit is not None):
+            raise UserError("--job-start / --job-exit record one job: pass exactly one --stage ID and one of the two")
+        state = pipe.record_job(stages[0], exit_code=job_exit)
+        print(f"{stages[0]}: {state} (pipeline_state.json)")
+        return 0
     if getattr(args, "dry_run", False):
         return _dry_run(pipe)
     jobs = int(getattr(args, "jobs", 1) or 1)

@@ -24,6 +24,7 @@ Output layout::
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import time
@@ -36,9 +37,10 @@ from .launchers import AccelerateLauncher, ChildRun, InProcessLauncher, Launcher
 from .plan import Stage, plan
 from .recipe import Recipe
 from .stages import (
-    BLOCKED, DONE, FAILED, INTERRUPTED, SKIPPED, PipelineStage, evaluate_run, now, refine_baseline,
+    BLOCKED, DONE, EMITTED, FAILED, INTERRUPTED, NOT_RUN, RESUMED, RUNNING, SKIPPED, PipelineStage, evaluate_run, now,
+    refine_baseline,
 )
-from .state import OutLock, StateFile, write_inputs
+from .state import PREPARE_JOB, OutLock, StateFile, read_job_status, write_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +126,15 @@ class Pipeline:
         if jobs > 1 and not hasattr(self.launcher, "start"):
             raise UserError("--jobs > 1 needs a launcher that starts subprocesses (the default ones do)")
         todo = [(i, st) for i, st in enumerate(self.stages, 1) if only is None or st.id in only]
+        # A single-stage report (the last job of a SLURM chain, submitted `afterany`) first settles
+        # every other stage from what is on disk, so the report and the state say what failed.
+        reconciled = only is not None and any(st.kind == "report" for _, st in todo)
+        if reconciled:
+            self.reconcile(exclude=set(only))
         failed = self._schedule(todo, only, jobs)
         report = self.out / "report.md"
-        self.print("pipeline: " + ", ".join(f"{n} {k}" for k, n in sorted(self.state.counts(only).items()))
+        counts = self.state.counts(None if reconciled else only)
+        self.print("pipeline: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                    + (f"; report: {report}" if report.exists() else ""))
         return 1 if failed else 0
 
@@ -185,7 +193,7 @@ class Pipeline:
             self.state.set(stage, SKIPPED)
             self.line(i, stage, SKIPPED, stage.detail())
             return
-        self.state.set(stage, state, started=now())
+        self.state.set(stage, state, started=now(), **_job_info())
         self.line(i, stage, state)
         t0 = time.time()
         try:
@@ -193,6 +201,8 @@ class Pipeline:
                 running[stage.id] = _Running(i, stage, stage.start(self, prefix=f"[{stage.id}]"), t0)
                 return
             detail = stage.execute(self)
+            if stage.kind == "report":
+                self._report_unfinished(stage)
         except KeyboardInterrupt:
             self._interrupted(i, stage, t0)
             raise
@@ -219,6 +229,133 @@ class Pipeline:
             self._done(r.index, r.stage, r.t0, detail)
         return any_done
 
+    # -- SLURM: what a job records, and what the report job settles from disk
+
+    def _on_disk(self, stage: PipelineStage) -> tuple[str, str]:
+        """What the stage's files say: (DONE, detail) for a finished result (a run dir with
+        summary.json and a marker of the same config; a current schedule / evaluation),
+        (INTERRUPTED, why) for a checkpoint without summary.json, (FAILED, why) for files that
+        conflict with the recipe, ("", "") for nothing."""
+        try:
+            st = stage.state()
+        except UserError as e:
+            return FAILED, str(e)
+        if st == SKIPPED:
+            return DONE, stage.detail()
+        if st == RESUMED:
+            return INTERRUPTED, "a checkpoint but no summary.json: resubmit (or rerun) to resume"
+        return "", ""
+
+    def record_job(self, stage_id: str, *, exit_code: int | None = None, job: str | None = None) -> str:
+        """A SLURM job's own record of its stage: at its start (``exit_code`` None) RUNNING or
+        RESUMED; at its end (the job script's EXIT trap) DONE when the result is on disk, else
+        FAILED (or INTERRUPTED: killed by a signal with a checkpoint to resume from). A stage whose
+        job ran ``--stage ID`` already recorded its end: that record is kept. Returns the state."""
+        if stage_id not in self.by_id:
+            raise UserError(f"unknown stage {stage_id!r}; stages are: {', '.join(self.by_id)}")
+        stage = self.by_id[stage_id]
+        job = job or os.environ.get("SLURM_JOB_ID") or ""
+        if exit_code is None:
+            try:
+                state = RESUMED if stage.state() == RESUMED else RUNNING
+            except UserError as e:
+                state = FAILED
+                self.state.set(stage, FAILED, started=now(), error=str(e), slurm_job=job)
+                return state
+            self.state.set(stage, state, started=now(), slurm_job=job)
+            return state
+        entry = self.state.entry(stage_id)
+        if entry.get("slurm_job") == job and entry.get("state") in (DONE, FAILED, BLOCKED, SKIPPED, INTERRUPTED):
+            self.state.update(stage_id, lambda e: e.update(exit_code=exit_code))
+            return entry["state"]
+        disk, why = self._on_disk(stage)
+        info: dict = {"exit_code": exit_code, "slurm_job": job, "finished": now()}
+        wall = _seconds_since(entry.get("started"))
+        if wall is not None:
+            info["wall_s"] = wall
+        log = _job_log(self.out)
+        if disk == DONE:
+            state = DONE
+        elif disk == INTERRUPTED and exit_code >= 128:
+            state, info["error"] = INTERRUPTED, f"slurm job {job} was stopped (exit code {exit_code}); {why}{log}"
+        elif exit_code != 0:
+            state, info["error"] = FAILED, f"slurm job {job} exited with code {exit_code}{log}"
+        else:
+            state, info["error"] = FAILED, f"slurm job {job} exited 0 but left no finished result{log}"
+        self.state.set(stage, state, new_attempt=False, **info)
+        return state
+
+    def reconcile(self, exclude: set[str] | frozenset = frozenset()) -> dict[str, str]:
+        """Settle every stage's state (but ``exclude``'s) from disk and the jobs' records, in plan
+        order: DONE / SKIPPED when its result is on disk; FAILED as its job recorded (or its exit
+        file says); INTERRUPTED for a checkpoint without summary; BLOCKED when a stage it needs
+        (or the chain's data preparation) did not finish — Slurm cancelled its ``afterok`` job;
+        NOT_RUN otherwise. Prints a line for each stage that is not done; returns id -> state."""
+        settled: dict[str, str] = {}
+        prep = read_job_status(self.out, PREPARE_JOB)
+        prep_failed = prep is not None and prep["exit_code"] != 0
+        for i, stage in enumerate(self.stages, 1):
+            if stage.id in exclude:
+                continue
+            entry = self.state.entry(stage.id)
+            old = entry.get("state")
+            disk, why = self._on_disk(stage)
+            status = read_job_status(self.out, stage.id)
+            info: dict = {}
+            if disk == DONE:
+                state = old if old in (DONE, SKIPPED) else DONE
+            elif old == FAILED:
+                state = FAILED
+            elif disk == FAILED:
+                state, info["error"] = FAILED, why
+            elif status is not None and status["exit_code"] != 0 and entry.get("slurm_job") in (None, "", status["slurm_job"]):
+                state = INTERRUPTED if disk == INTERRUPTED and status["exit_code"] >= 128 else FAILED
+                info.update(exit_code=status["exit_code"], slurm_job=status["slurm_job"],
+                            error=f"slurm job {status['slurm_job']} exited with code {status['exit_code']}")
+            elif disk == INTERRUPTED:
+                state, info["error"] = INTERRUPTED, why
+            elif old in (RUNNING, RESUMED) and entry.get("slurm_job"):
+                state, info["error"] = FAILED, f"slurm job {entry['slurm_job']} started but recorded no end (killed?)"
+            else:
+                bad = [d for d in stage.deps if settled.get(d, self._entry_state(d)) not in (DONE, SKIPPED)]
+                if prep_failed and stage.kind == "train":
+                    bad.insert(0, PREPARE_JOB)
+                if bad:
+                    state, info["blocked_by"] = BLOCKED, bad
+                else:
+                    state = NOT_RUN
+            settled[stage.id] = state
+            if state != old or info:
+                entry = self.state.set(stage, state, new_attempt=state in (BLOCKED, NOT_RUN), **info)
+            if state not in (DONE, SKIPPED):
+                self.line(i, stage, state, _why(entry))
+        return settled
+
+    def _entry_state(self, stage_id: str) -> str | None:
+        return self.state.data.get("stages", {}).get(stage_id, {}).get("state")
+
+    def _report_unfinished(self, report_stage: PipelineStage) -> None:
+        """Append to report.md the stages that did not finish (state and why), when there are any."""
+        path = self.out / "report.md"
+        rows = []
+        for st in self.stages:
+            if st.id == report_stage.id:
+                continue
+            e = self.state.data.get("stages", {}).get(st.id, {})
+            state = e.get("state", NOT_RUN)
+            if state in (DONE, SKIPPED):
+                continue
+            rows.append(f"| `{st.id}` | {state} | {_why(e).replace('|', '/')} |")
+        if not rows or not path.is_file():
+            return
+        from ..fileio import atomic_write_text
+
+        text = path.read_text(encoding="utf-8").rstrip("\n")
+        text += ("\n\n## Stages that did not finish\n\nThe report covers the runs that finished; these did not "
+                 "(`pipeline_state.json` has the details):\n\n| stage | state | why |\n|---|---|---|\n"
+                 + "\n".join(rows) + "\n")
+        atomic_write_text(path, text)
+
     # -- the end of a stage
 
     def _interrupted(self, i, stage, t0) -> None:
@@ -236,6 +373,33 @@ class Pipeline:
     def _done(self, i, stage, t0, detail: str) -> None:
         self.state.set(stage, DONE, wall_s=round(time.time() - t0, 2), finished=now())
         self.line(i, stage, DONE, f"{time.time() - t0:.1f}s" + (f"  {detail}" if detail else ""))
+
+
+def _why(entry: dict) -> str:
+    """A stage entry's reason, on one line: ``(needs a, b)`` or its error's first line."""
+    if entry.get("blocked_by"):
+        return f"(needs {', '.join(entry['blocked_by'])})"
+    return (entry.get("error") or "").split("\n")[0]
+
+
+def _job_info() -> dict:
+    """The SLURM job this process runs in, for the stage's entry (none outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job} if job else {}
+
+
+def _job_log(out: Path) -> str:
+    """``; log: <out>/slurm/logs/<job name>-<job id>.out`` inside a SLURM job, else ''."""
+    name, job = os.environ.get("SLURM_JOB_NAME"), os.environ.get("SLURM_JOB_ID")
+    return f"; log: {out / 'slurm' / 'logs' / f'{name}-{job}.out'}" if name and job else ""
+
+
+def _seconds_since(iso: str | None) -> float | None:
+    try:
+        t0 = _dt.datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return None
+    return round((_dt.datetime.now(_dt.timezone.utc) - t0).total_seconds(), 2)
 
 
 __all__ = ["Pipeline"]

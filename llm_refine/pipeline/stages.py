@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 SKIPPED, RESUMED, RUNNING, DONE, FAILED, BLOCKED, INTERRUPTED, EMITTED = (
     "skipped", "resumed", "running", "done", "failed", "blocked", "interrupted", "emitted",
 )
+NOT_RUN = "not run"  # reconciled after a SLURM chain: no trace on disk, nothing it needs failed
 
 
 def schedule_digest(path: Path) -> str:
@@ -543,7 +544,7 @@ class ReportStage(PipelineStage):
 
 
 __all__ = [
-    "SKIPPED", "RESUMED", "RUNNING", "DONE", "FAILED", "BLOCKED", "INTERRUPTED", "EMITTED", "now", "StageContext",
+    "SKIPPED", "RESUMED", "RUNNING", "DONE", "FAILED", "BLOCKED", "INTERRUPTED", "EMITTED", "NOT_RUN", "now", "StageContext",
     "PipelineStage", "TrainStage", "RefineStage", "EvaluateStage", "ReportStage", "refine_baseline", "refine_detail",
     "evaluate_run", "final_loss", "best_lr", "refine_aggregate", "transfer_schedule",
 ]

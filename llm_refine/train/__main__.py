@@ -1,4 +1,4 @@
-"""``python -m llm_refine.train CONFIG [--output_dir D] [--set key=value ...] [--prepare_only]``.
+"""``python -m llm_refine.train CONFIG [--output_dir D] [--set key=value ...] [--prepare-only]``.
 
 The packaged training entry point: works the same under ``python``, ``torchrun -m llm_refine.train``
 and ``accelerate launch -m llm_refine.train``. CONFIG is a pretraining YAML (sections model, data,
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     # action="extend": `--set a=1 --set b=2` keeps both (plain nargs would keep only the last).
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=50 schedule.name=cosine schedule.file=s.json")
-    p.add_argument("--prepare_only", action="store_true",
+    p.add_argument("--prepare-only", "--prepare_only", dest="prepare_only", action="store_true",
                    help="only train the tokenizer and tokenize/pack the data into the cache, then exit "
                         "(do this once before a large multi-process run: ranks wait for rank 0's preparation)")
     return p

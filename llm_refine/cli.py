@@ -207,6 +207,46 @@ def cmd_bench(args) -> int:
     return main_bench(args)
 
 
+def _pretrain_entry():
+    from .train import __main__ as entry  # the packaged entry point (python -m llm_refine.train)
+
+    return entry
+
+
+def cmd_pretrain(args) -> int:
+    """``llm-refine pretrain`` = ``python -m llm_refine.train``: its arguments, its run."""
+    from .logsetup import stdout_logging
+    from .train.config import load_pretrain_config
+
+    # Bad input (the file, its YAML, a --set key or value) fails here, before any work, as the
+    # CLI's one-line `llm-refine pretrain: error:`; the entry point then loads the same config.
+    load_pretrain_config(args.config, list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
+    with stdout_logging():
+        return _pretrain_entry()._run(args)
+
+
+def cmd_examples_list(args) -> int:
+    from .examples import format_examples, list_examples
+
+    print(format_examples(list_examples()))
+    return 0
+
+
+def cmd_examples_show(args) -> int:
+    from .examples import find_example
+
+    sys.stdout.write(find_example(args.name).path.read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_examples_copy(args) -> int:
+    from .examples import copy_example
+
+    target = copy_example(args.name, args.dest, force=args.force)
+    print(f"wrote {target}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2): the problem and where to look."""
 
@@ -252,6 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    pt = sub.add_parser(
+        "pretrain", parents=[_pretrain_entry().build_parser()], add_help=False,
+        help="pretrain one model from a config (= python -m llm_refine.train)",
+        description="Pretrain a LLaMA-style model from a pretraining YAML (sections model, data, train, "
+                    "schedule, output_dir) or a run's run_config.json: the same as `python -m llm_refine.train "
+                    "CONFIG`, which is also what `torchrun -m llm_refine.train` and `accelerate launch -m "
+                    "llm_refine.train` run. `llm-refine examples copy pretrain_tiny` gives a config to start from.",
+    )
+    pt.set_defaults(func=cmd_pretrain)
+
+    ex = sub.add_parser("examples", help="list, show or copy the shipped recipes and launch configs",
+                        description="The recipes (recipes/*.yaml) and launch configs (launch/*.yaml, launch/*.sh) "
+                                    "that ship with llm-refine. NAME is the file name without its suffix "
+                                    "(tiny, single_cpu, slurm); the file name or its path (launch/slurm.sh) works too.")
+    exsub = ex.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
+    el = exsub.add_parser("list", help="name, kind (recipe or launch) and the first comment line of each")
+    el.set_defaults(func=cmd_examples_list)
+    es = exsub.add_parser("show", help="print one example")
+    es.add_argument("name", metavar="NAME")
+    es.set_defaults(func=cmd_examples_show)
+    ec = exsub.add_parser("copy", help="copy one example into your directory to edit",
+                          description="Copy the example NAME to DEST: a directory (existing, or with a trailing "
+                                      "slash) receives it under its own file name, any other path is the file to "
+                                      "write. An existing file is never replaced without --force.")
+    ec.add_argument("name", metavar="NAME")
+    ec.add_argument("dest", metavar="DEST", nargs="?", default=None, help="directory or file (default: the current directory)")
+    ec.add_argument("--force", action="store_true", help="overwrite an existing file")
+    ec.set_defaults(func=cmd_examples_copy)
 
     from .pipeline import add_pipeline_arguments, main_pipeline
     from .report import add_compare_arguments, main_compare

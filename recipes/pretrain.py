@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 2 recipes/pretrain.py CONFIG.yaml ...
     accelerate launch --config_file launch/ddp.yaml recipes/pretrain.py CONFIG.yaml ...
 
-The same works from anywhere with the installed package: ``python -m llm_refine.train CONFIG``,
-``torchrun -m llm_refine.train``, ``accelerate launch -m llm_refine.train``.
+The same works from anywhere with the installed package, no checkout needed:
+``llm-refine pretrain CONFIG`` (= ``python -m llm_refine.train CONFIG``), ``torchrun -m
+llm_refine.train``, ``accelerate launch -m llm_refine.train``; ``llm-refine examples copy
+pretrain_tiny`` (or ``single_cpu``, ``ddp``, ...) copies a shipped config to edit.
 """
 
 import sys

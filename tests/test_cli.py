@@ -241,3 +241,47 @@ def test_extreme_constant_norms_refine_through_the_cli(tmp_path, capsys, value, 
     assert main(["refine", str(p), "--norm", norm, "-o", str(out)]) == 0, capsys.readouterr().err
     m = np.array(json.loads(out.read_text())["multipliers"])
     np.testing.assert_allclose(m, (99 - np.arange(100)) / 99, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# llm-refine pretrain: the packaged entry point (python -m llm_refine.train) under the CLI
+
+
+def _option_table(parser):
+    return sorted((tuple(a.option_strings), a.dest, a.nargs, a.default) for a in parser._actions if a.dest != "help")
+
+
+def test_pretrain_has_exactly_the_entry_points_arguments():
+    from llm_refine.cli import build_parser
+    from llm_refine.train.__main__ import build_parser as train_parser
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "pretrain" in a.choices)
+    assert _option_table(sub.choices["pretrain"]) == _option_table(train_parser())
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["nope.yaml"], ["nope.yaml", "no such config file"]),
+    (["{cfg}", "--set", "train.bogus=1"], ["train.bogus", "unknown key"]),
+    (["{cfg}", "--set", "train.max_steps=abc"], ["train.max_steps", "not an integer"]),
+    (["{cfg}", "--set", "novalue"], ["novalue"]),
+    ([], ["required: config"]),
+])
+def test_pretrain_bad_input_is_one_line(tmp_path, args, needles):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: {size: cpu-0.5m}\ntrain: {max_steps: 5}\n")
+    r = run_cli("pretrain", *[a.format(cfg=cfg) for a in args])
+    assert_user_error(r, "llm-refine pretrain: error:", *needles)
+    assert not (tmp_path / "runs").exists() and r.stdout == ""
+
+
+def test_pretrain_runs_the_entry_point(tmp_path, monkeypatch, capsys):
+    """--prepare_only through `llm-refine pretrain`: the entry point's own run (tokenizer, packed data)."""
+    import _pretrain_common  # noqa: F401  (the session's test cache)
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: {size: cpu-0.5m}\ndata: {val_sequences: 16}\ntrain: {max_steps: 5}\n")
+    assert main(["pretrain", str(cfg), "--output_dir", "run", "--prepare_only"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["train_sequences"] > 0 and info["val_sequences_available"] >= 16
+    assert not (tmp_path / "run").exists()  # prepared only: nothing trained

@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # Tokenize and pack the data once (one task) into the shared cache before the ranks start: on a
 # big corpus this takes longer than the collective timeout the waiting ranks would otherwise hit.
 # Set LLM_REFINE_CACHE to a shared filesystem path. A no-op when the cache is already filled.
-srun --ntasks=1 --nodes=1 python recipes/pretrain.py "$@" --prepare_only
+srun --ntasks=1 --nodes=1 python recipes/pretrain.py "$@" --prepare-only
 
 # Single quotes: SLURM_NODEID is expanded by each node's shell, not here.
 srun --ntasks="${NNODES}" --ntasks-per-node=1 bash -c '

@@ -10,9 +10,15 @@ recipe (cpu-0.5m, 20 steps, linear → refine → refined, cosine, evaluate, rep
   never run (``afterok`` → ``DependencyNeverSatisfied``, cancelled by ``kill_invalid_depend``), the
   unrelated control run still finishes, and the pipeline sees exactly what is left to do.
 
-Two strict xfails record what the pipeline does not do yet under Slurm (see their reasons): the
-training jobs never write ``pipeline_state.json``, and a failure leaves no trace in it (nor a report,
-since the report job waits ``afterok`` on everything).
+The state of a chain: every job records its stage in ``pipeline_state.json`` (training jobs with
+``--job-start`` and their EXIT trap, the others as ``--stage`` runs), and the report job, submitted
+``afterany``, settles every stage from disk first — so after the failing chain the state says
+failed / blocked / done and ``report.md`` covers what finished and lists what did not. The chain
+starts with a one-node ``prepare`` job (``python -m llm_refine.train CONFIG --prepare-only``).
+
+A multi-node training job's rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``: the allocation's first
+node and ``slurm.port`` unless set at submission) on two nodes, with a stub ``accelerate`` that
+records what each node's launcher got (the real 2-node training is in test_multinode.py).
 
 Timing (2-core machine at load ≈ 7): cluster start ≈ 1 s, the full chain ≈ 140 s, the failing
 chain ≈ 60 s.
@@ -38,6 +44,7 @@ CHAIN_TIMEOUT = 900  # seconds for a whole chain of jobs to drain
 SIZE = "cpu-0.5m"
 TRAIN = ("linear", "refined", "cosine")
 STAGES = [f"{SIZE}/linear", f"{SIZE}/refine", f"{SIZE}/refined", f"{SIZE}/cosine", f"{SIZE}/evaluate", "report"]
+JOBS = ["prepare", *STAGES]  # what submit.sh submits: the data preparation, then one job per stage
 
 
 def _recipe(path, name: str, setup: list[str] | None = None):
@@ -84,7 +91,7 @@ def _submit(cluster: SlurmCluster, recipe, out) -> dict:
     sub = cluster.run(["bash", str(out / "slurm" / "submit.sh")], cwd=REPO, timeout=60)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     ids = dict(re.findall(r"^(\S+): job (\d+)$", sub.stdout, re.M))
-    assert list(ids) == STAGES, sub.stdout
+    assert list(ids) == JOBS, sub.stdout
     ids = {k: int(v) for k, v in ids.items()}
     cluster.wait_queue_empty(CHAIN_TIMEOUT)
     wall = time.monotonic() - t0
@@ -132,18 +139,22 @@ def chain(cluster, tmp_path_factory):
 def test_pipeline_chain_runs_to_the_report(chain):
     out, ids, records = chain["out"], chain["ids"], chain["records"]
     logs = out / "slurm" / "logs"
-    for sid in STAGES:
+    for sid in JOBS:
         rec = records[sid]
         log = "\n".join(p.read_text()[-2000:] for p in logs.glob(f"*-{ids[sid]}.out"))
         assert rec.get("JobState") == "COMPLETED" and rec.get("ExitCode") == "0:0", (sid, rec, log)
         assert rec["NodeList"] in chain["nodes"]
     # Dependencies held: nothing started before what it needs had ended.
-    start = {sid: records[sid]["StartTime"] for sid in STAGES}
-    end = {sid: records[sid]["EndTime"] for sid in STAGES}
-    for sid, needs in [(f"{SIZE}/refine", [f"{SIZE}/linear"]), (f"{SIZE}/refined", [f"{SIZE}/refine"]),
+    start = {sid: records[sid]["StartTime"] for sid in JOBS}
+    end = {sid: records[sid]["EndTime"] for sid in JOBS}
+    for sid, needs in [(f"{SIZE}/linear", ["prepare"]), (f"{SIZE}/cosine", ["prepare"]),
+                       (f"{SIZE}/refine", [f"{SIZE}/linear"]), (f"{SIZE}/refined", [f"{SIZE}/refine"]),
                        (f"{SIZE}/evaluate", [f"{SIZE}/linear", f"{SIZE}/refined", f"{SIZE}/cosine"]),
-                       ("report", [f"{SIZE}/evaluate"])]:
+                       ("report", JOBS[:-1])]:
         assert all(start[sid] >= end[n] for n in needs), (sid, start, end)
+    # The preparation job packed the data once (its --prepare-only line), on one node.
+    prep_log = "".join(p.read_text() for p in logs.glob(f"*-{ids['prepare']}.out"))
+    assert '"train_sequences"' in prep_log and records["prepare"]["NodeCnt"] == "1", prep_log[-2000:]
 
     size_dir = out / SIZE
     for label in TRAIN:
@@ -170,12 +181,18 @@ def test_pipeline_chain_runs_to_the_report(chain):
     assert plan == {**{sid: "would skip" for sid in STAGES[:-1]}, "report": "would run"}, plan
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--emit slurm: a training job runs the training script directly, so no process records the "
-    "training stages in pipeline_state.json (only the --stage jobs: refine, evaluate, report do)"))
 def test_pipeline_state_records_every_stage_of_the_chain(chain):
     state = json.loads((chain["out"] / "pipeline_state.json").read_text())["stages"]
     assert {sid: state.get(sid, {}).get("state") for sid in STAGES} == {sid: "done" for sid in STAGES}
+    # each entry was written by its own job (the one Slurm ran), which exited 0
+    for sid in STAGES:
+        assert state[sid]["slurm_job"] == str(chain["ids"][sid]), (sid, state[sid])
+    for sid in STAGES[:-1]:
+        assert state[sid]["exit_code"] == 0, (sid, state[sid])
+    for label in TRAIN:
+        e = state[f"{SIZE}/{label}"]
+        assert e["started"] <= e["finished"] and e["wall_s"] > 0 and "error" not in e, e
+    assert "did not finish" not in (chain["out"] / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,29 +219,92 @@ def test_failed_job_blocks_only_its_dependents(broken):
     assert base["JobState"] == "FAILED" and base["ExitCode"] == "3:0", base
     assert "injected failure" in "".join(p.read_text() for p in logs.glob(f"*-{ids[f'{SIZE}/linear']}.out"))
     # Everything downstream of the baseline never ran: cancelled before it got a node, no log.
-    for sid in (f"{SIZE}/refine", f"{SIZE}/refined", f"{SIZE}/evaluate", "report"):
+    for sid in (f"{SIZE}/refine", f"{SIZE}/refined", f"{SIZE}/evaluate"):
         assert records[sid]["JobState"] == "CANCELLED" and records[sid]["NodeList"] == "(null)", (sid, records[sid])
         assert info[sid].get("Reason") == "DependencyNeverSatisfied", (sid, info[sid])
         assert not list(logs.glob(f"*-{ids[sid]}.out")), sid
-    # The control run does not depend on the baseline: it finished.
+    # The control run does not depend on the baseline: it finished; so did the report (afterany).
     assert records[f"{SIZE}/cosine"]["JobState"] == "COMPLETED"
+    assert records["report"]["JobState"] == "COMPLETED" and records["report"]["ExitCode"] == "0:0", records["report"]
     assert (out / SIZE / "cosine" / "summary.json").is_file()
     for path in (out / SIZE / "linear" / "summary.json", out / SIZE / "refined_schedule.json",
-                 out / SIZE / "refined" / "summary.json", out / SIZE / "cosine" / "eval.json", out / "report.md"):
+                 out / SIZE / "refined" / "summary.json", out / SIZE / "cosine" / "eval.json"):
         assert not path.exists(), path
     # What the pipeline sees on disk afterwards: the control is done, the rest is still to run.
     plan = _dry_run(broken["recipe"], out)
     assert plan == {**{sid: "would run" for sid in STAGES}, f"{SIZE}/cosine": "would skip"}, plan
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--emit slurm: a failed training job leaves no trace in pipeline_state.json, and the report job "
-    "(afterok on everything) is cancelled, although in-process the report covers what finished"))
 def test_pipeline_state_and_report_show_the_failure(broken):
-    out = broken["out"]
+    out, ids = broken["out"], broken["ids"]
     state = json.loads((out / "pipeline_state.json").read_text())["stages"]
-    assert state[f"{SIZE}/linear"]["state"] == "failed"
-    for sid in (f"{SIZE}/refine", f"{SIZE}/refined", f"{SIZE}/evaluate"):
-        assert state[sid]["state"] == "blocked"
-    assert state[f"{SIZE}/cosine"]["state"] == "done"
-    assert (out / "report.md").is_file()
+    base = state[f"{SIZE}/linear"]
+    # The failed job's own EXIT trap recorded it (the failure was a setup line, before any training).
+    assert base["state"] == "failed" and base["exit_code"] == 3 and base["slurm_job"] == str(ids[f"{SIZE}/linear"]), base
+    assert f"exited with code 3; log: {out / 'slurm' / 'logs'}" in base["error"]
+    assert (out / "slurm" / "status" / f"{SIZE}-linear.exit").read_text().split() == ["3", str(ids[f"{SIZE}/linear"])]
+    # The cancelled jobs never ran: the report job found them blocked (not pending / emitted).
+    assert state[f"{SIZE}/refine"] == {**state[f"{SIZE}/refine"], "state": "blocked", "blocked_by": [f"{SIZE}/linear"]}
+    assert state[f"{SIZE}/refined"]["state"] == "blocked" and state[f"{SIZE}/refined"]["blocked_by"] == [f"{SIZE}/refine"]
+    assert state[f"{SIZE}/evaluate"]["state"] == "blocked"
+    assert state[f"{SIZE}/cosine"]["state"] == "done" and state["report"]["state"] == "done"
+    report = (out / "report.md").read_text()
+    assert "| cpu-0.5m | " in report and "cosine" in report  # it covers what finished
+    assert "## Stages that did not finish" in report
+    assert f"| `{SIZE}/linear` | failed |" in report and f"| `{SIZE}/refine` | blocked | (needs {SIZE}/linear) |" in report
+    log = "".join(p.read_text() for p in (out / "slurm" / "logs").glob(f"*-{ids['report']}.out"))
+    assert f"{SIZE}/refined" in log and "blocked" in log and "1 failed" in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A multi-node training job's rendezvous
+
+
+def test_multinode_job_rendezvous_defaults_and_override(cluster, tmp_path):
+    """The emitted 2-node training job, twice, with a stub ``accelerate`` on PATH that writes what
+    each node's launcher got: by default the rendezvous is the allocation's first node and the
+    recipe's port; ``MASTER_ADDR`` / ``MASTER_PORT`` set at submission win. The job then exits 0
+    without a summary, which its EXIT trap records as a failure."""
+    import os
+
+    port = 31234
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "rdzv", "sizes": [SIZE], "schedules": ["linear"], "seeds": [0], "evaluate": False,
+        "pretrain": {"data": {"source": "embedded", "seq_len": 64, "vocab_size": 2048, "val_sequences": 8},
+                     "train": {"max_steps": 4, "batch_size": 8}},
+        "launch": {"launcher": "accelerate", "config": "launch/multinode_cpu.yaml"},
+        "slurm": {"nodes": 2, "port": port},
+    }))
+    out = tmp_path / "out"
+    _pipeline(str(recipe), "--out", str(out), "--emit", "slurm")
+    script = out / "slurm" / f"01-{SIZE}-linear.sbatch"
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "accelerate").write_text('#!/bin/bash\necho "$SLURMD_NODENAME $*" > "$STUB_OUT/node-$SLURM_NODEID"\n')
+    (stub / "accelerate").chmod(0o755)
+    cases = {"default": {}, "override": {"MASTER_ADDR": "10.11.12.13", "MASTER_PORT": "4242"}}
+    jobs = {}
+    for case, extra in cases.items():
+        (tmp_path / case).mkdir()
+        env = {"PATH": f"{stub}:{os.environ['PATH']}", "STUB_OUT": str(tmp_path / case), **extra}
+        p = cluster.run(["sbatch", "--parsable", str(script)], cwd=REPO, env=env)
+        assert p.returncode == 0, p.stderr
+        jobs[case] = int(p.stdout.strip().split(";")[0])
+        cluster.wait_queue_empty(180)
+    states = cluster.final_states()
+    expect = {"default": (cluster.nodes[0], str(port)), "override": ("10.11.12.13", "4242")}
+    for case, (addr, mport) in expect.items():
+        assert states[jobs[case]]["JobState"] == "COMPLETED", states[jobs[case]]
+        if case == "default" and "MASTER_ADDR" in os.environ:
+            continue  # this environment overrides it already
+        for rank, node in enumerate(cluster.nodes):
+            got = (tmp_path / case / f"node-{rank}").read_text().split()
+            assert got[0] == node, (case, got)
+            opts = dict(zip(got[2::2], got[3::2]))  # after "<node> launch": --key value pairs
+            assert opts["--num_machines"] == "2" and opts["--machine_rank"] == str(rank), (case, got)
+            assert (opts["--main_process_ip"], opts["--main_process_port"]) == (addr, mport), (case, got)
+            assert got[-1] == str(out / SIZE / "linear" / "run_config.json"), got
+    entry = json.loads((out / "pipeline_state.json").read_text())["stages"][f"{SIZE}/linear"]
+    assert entry["state"] == "failed" and entry["slurm_job"] == str(jobs["override"]), entry
+    assert "exited 0 but left no finished result" in entry["error"], entry

@@ -1,6 +1,9 @@
 """Packaging: the metadata says the truth (version in one place, LICENSE, py.typed, extras, the
 minimum-versions constraints equal the declared floors), the version-warning helper, and — marked
-``packaging``, run by .ci/run — a core install into a fresh venv without torch that refines.
+``packaging``, run by .ci/run — a core install into a fresh venv without torch that refines, and
+the wheel (built from the sdist) installed alone into a fresh venv and used from a directory
+outside the checkout: `examples list/copy`, `pretrain`, `refine`, a `pipeline` through
+`accelerate launch`, and `--emit slurm` scripts that name no checkout path.
 
 The ``packaging`` test runs only when selected (``python -m pytest -m packaging``; otherwise it is
 skipped with that reason): it builds a venv and pip-installs numpy/scipy/matplotlib/pyyaml and the
@@ -163,10 +166,21 @@ def test_installed_versions_are_within_the_tested_range(fresh_compat):
 # core install, without torch (slow: marked, run explicitly by .ci/run)
 
 CORE_FILES = ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md")
+SOURCE_DIRS = ("llm_refine", "recipes", "launch")  # the package and the example files it ships
 
 
 def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+
+
+def _copy_source(dest: Path) -> Path:
+    """What a build reads, copied (building in the working tree would write build/ and *.egg-info there)."""
+    dest.mkdir()
+    for name in CORE_FILES:
+        shutil.copy2(REPO / name, dest / name)
+    for d in SOURCE_DIRS:
+        shutil.copytree(REPO / d, dest / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +189,7 @@ def core_venv(request, tmp_path_factory):
         pytest.skip("slow (a fresh venv and pip installs): selected only by `-m packaging`, "
                     "e.g. python -m pytest -m packaging tests/test_packaging.py (.ci/run runs it)")
     base = tmp_path_factory.mktemp("core")
-    # install from a copy: building in the working tree would write build/ and *.egg-info there
-    src = base / "src"
-    src.mkdir()
-    for name in CORE_FILES:
-        shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "llm_refine", src / "llm_refine",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    src = _copy_source(base / "src")
     venv = base / "venv"
     r = _run([sys.executable, "-m", "venv", str(venv)])
     assert r.returncode == 0, r.stderr
@@ -233,3 +241,208 @@ def test_core_install_imports_and_refines_without_torch(core_venv, tmp_path):
     # the recorder needs the [hf] extra: a clear ImportError, not a silent half-import
     r = _run([str(py), "-c", "from llm_refine import GradNormCallback"], env=env, cwd=tmp_path)
     assert r.returncode != 0 and "No module named" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the wheel in a fresh venv, used from a directory outside the checkout (slow: marked, .ci/run)
+#
+# The venv sees the system site-packages (torch, transformers, accelerate: no download), where the
+# checkout is installed editable: a meta-path finder that maps `llm_refine` to the working tree and
+# would answer for any module the wheel lacks. The venv's sitecustomize.py drops that finder and
+# any sys.path entry outside the venv holding an llm_refine directory, so only the wheel can load;
+# every command then checks that llm_refine really came from the venv.
+
+_GUARD = '''"""tests/test_packaging.py: only the wheel installed in this venv may provide llm_refine."""
+import os
+import sys
+
+_venv = os.path.realpath(sys.prefix)
+
+
+def _theirs(finder):
+    mod = sys.modules.get(getattr(finder, "__module__", "") or "")
+    return "llm_refine" in (getattr(mod, "MAPPING", None) or {})
+
+
+def _outside(entry):
+    path = os.path.realpath(entry or os.curdir)
+    return not path.startswith(_venv + os.sep) and os.path.isdir(os.path.join(path, "llm_refine"))
+
+
+sys.meta_path[:] = [f for f in sys.meta_path if not _theirs(f)]
+sys.path[:] = [p for p in sys.path if not _outside(p)]
+'''
+
+_WHERE = """import json, sys, llm_refine, llm_refine.examples as e, llm_refine.train.__main__, llm_refine.pipeline
+from llm_refine.fileio import sha256_file
+print(json.dumps({"file": llm_refine.__file__, "root": str(e.assets_root()),
+                  "modules": sorted({m.__file__ for n, m in sys.modules.items() if n.startswith("llm_refine") and getattr(m, "__file__", None)}),
+                  "examples": {x.relpath: sha256_file(x.path) for x in e.list_examples()}}))
+"""
+
+
+def _inside(path, root) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _repo_examples() -> dict[str, str]:
+    from llm_refine.examples import KINDS
+    from llm_refine.fileio import sha256_file
+
+    return {f"{sub}/{p.name}": sha256_file(p) for sub, pats in KINDS.values() for pat in pats for p in (REPO / sub).glob(pat)}
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(request, tmp_path_factory):
+    """(venv, env, cache): the wheel built from this tree, installed alone into a fresh venv."""
+    import importlib.util
+    import json
+    import zipfile
+
+    if "packaging" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow (builds the wheel, a venv, trains): selected only by `-m packaging`, "
+                    "e.g. python -m pytest -m packaging tests/test_packaging.py (.ci/run runs it)")
+    base = tmp_path_factory.mktemp("wheel")
+    assert not _inside(base, REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    src = _copy_source(base / "src")
+    dist = base / "dist"
+    # The sdist first, then the wheel from it (what pip builds from an sdist on an index): the sdist
+    # must carry recipes/ and launch/ too. Without setuptools here, pip builds the wheel from the
+    # tree in an isolated build environment (which needs the package index).
+    if importlib.util.find_spec("setuptools") is not None:
+        r = _run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
+                  str(dist)], cwd=src, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        build_from, isolation = dist / r.stdout.split()[-1], ["--no-build-isolation"]
+    else:
+        build_from, isolation = src, []
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(dist), str(build_from)], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = dist.glob("llm_refine-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert {"llm_refine/_assets/recipes/tiny.yaml", "llm_refine/_assets/launch/single_cpu.yaml",
+            "llm_refine/_assets/launch/slurm.sh", "llm_refine/py.typed", "llm_refine/train/__main__.py"} <= names
+    venv = base / "venv"
+    r = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], env=env)
+    assert r.returncode == 0, r.stderr
+    py = venv / "bin" / "python"
+    r = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env=env, cwd=base)
+    site = Path(r.stdout.strip())
+    assert _inside(site, venv), r.stdout + r.stderr
+    (site / "sitecustomize.py").write_text(_GUARD)
+    # pip from the system site, run by the venv's python, installs into the venv; --ignore-installed:
+    # the editable install outside the venv is neither consulted nor uninstalled
+    r = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)], env=env, cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (venv / "bin" / "llm-refine").is_file()
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               LLM_REFINE_CACHE=str(base / "cache"))
+    r = _run([str(py), "-c", _WHERE], env=env, cwd=base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where = json.loads(r.stdout)
+    assert _inside(where["file"], site), where["file"]
+    assert all(_inside(f, site) for f in where["modules"]), [f for f in where["modules"] if not _inside(f, site)]
+    assert Path(where["root"]) == site / "llm_refine" / "_assets"
+    # the packaged copies are the repository's files, all of them and nothing else
+    assert where["examples"] == _repo_examples()
+    return venv, env
+
+
+def _cli(venv, env, cwd, *args, timeout=900):
+    assert not _inside(cwd, REPO)
+    return subprocess.run([str(venv / "bin" / "llm-refine"), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def _ok(r):
+    assert r.returncode == 0, (r.args, r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+@pytest.mark.packaging
+def test_wheel_examples_list_and_copy(wheel_venv, tmp_path):
+    venv, env = wheel_venv
+    rows = _ok(_cli(venv, env, tmp_path, "examples", "list")).stdout.splitlines()[1:]
+    names = {ln.split()[0]: ln.split()[1] for ln in rows}
+    assert names == {Path(rel).stem: ("recipe" if rel.startswith("recipes/") else "launch") for rel in _repo_examples()}
+    assert "llm-refine examples copy" in _ok(_cli(venv, env, tmp_path, "examples", "copy", "--help")).stdout
+    _ok(_cli(venv, env, tmp_path, "examples", "copy", "pretrain_tiny"))
+    assert (tmp_path / "pretrain_tiny.yaml").read_bytes() == (REPO / "recipes" / "pretrain_tiny.yaml").read_bytes()
+    r = _cli(venv, env, tmp_path, "examples", "copy", "pretrain_tiny")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "llm-refine examples: error: pretrain_tiny.yaml: exists; pass --force to overwrite it"], r.stderr
+    _ok(_cli(venv, env, tmp_path, "examples", "copy", "pretrain_tiny", "--force"))
+    _ok(_cli(venv, env, tmp_path, "examples", "copy", "slurm", "launch/"))
+    assert (tmp_path / "launch" / "slurm.sh").read_bytes() == (REPO / "launch" / "slurm.sh").read_bytes()
+    assert os.access(tmp_path / "launch" / "slurm.sh", os.X_OK)
+
+
+TINY = ["train.max_steps=8", "train.eval_every=8", "train.save_every=8", "train.print_every=0",
+        "data.val_sequences=16", "schedule.warmup_steps=2"]
+
+
+@pytest.mark.packaging
+def test_wheel_pretrain_then_refine(wheel_venv, tmp_path):
+    """`llm-refine pretrain` on the shipped tiny config (8 steps), then `llm-refine refine` on the
+    history it recorded, from a directory outside the checkout."""
+    import json
+
+    venv, env = wheel_venv
+    _ok(_cli(venv, env, tmp_path, "examples", "copy", "pretrain_tiny"))
+    r = _ok(_cli(venv, env, tmp_path, "pretrain", "pretrain_tiny.yaml", "--output_dir", "run", "--set", *TINY))
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["final_val_loss"] > 0 and line["tokens_seen"] == 8 * 8 * 128
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["size"] == "cpu-0.5m"
+    assert len([ln for ln in (tmp_path / "run" / "gradnorms.jsonl").read_text().splitlines() if '"step"' in ln]) == 8
+    r = _cli(venv, env, tmp_path, "pretrain", "pretrain_tiny.yaml", "--set", "train.bogus=1")
+    assert r.returncode == 2 and r.stderr.strip().startswith("llm-refine pretrain: error: pretrain_tiny.yaml: train.bogus"), r.stderr
+    _ok(_cli(venv, env, tmp_path, "refine", "run/gradnorms.jsonl", "--norm", "l1", "-o", "refined.json"))
+    art = json.loads((tmp_path / "refined.json").read_text())
+    assert len(art["multipliers"]) == 8
+
+
+PIPELINE_RECIPE = """\
+name: wheel
+sizes: [cpu-0.5m]
+schedules: [linear, refined]
+seeds: [0]
+refine: {norm: l1, tau: 0.1}
+schedule: {warmup_steps: 2}
+evaluate: false  # the runs' own final validation loss is enough here
+pretrain:
+  data: {source: embedded, seq_len: 128, vocab_size: 2048, val_sequences: 16}  # as TINY: one data cache
+  train: {max_steps: 8, batch_size: 8, learning_rate: 0.003, eval_every: 8, save_every: 8, print_every: 0}
+"""
+
+
+@pytest.mark.packaging
+def test_wheel_pipeline_accelerate_and_slurm(wheel_venv, tmp_path):
+    """A one-size pipeline (linear -> refine -> refined, 8 steps) through `accelerate launch` with
+    the shipped launch/single_cpu.yaml, and the same recipe emitted as SLURM jobs that name no
+    checkout path."""
+    import json
+
+    venv, env = wheel_venv
+    (tmp_path / "r.yaml").write_text(PIPELINE_RECIPE)
+    _ok(_cli(venv, env, tmp_path, "examples", "copy", "single_cpu", "launch/"))
+    _ok(_cli(venv, env, tmp_path, "pipeline", "r.yaml", "--out", "pipe", "--launcher", "accelerate",
+             "--launch-config", "launch/single_cpu.yaml"))
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "pipe").rglob("summary.json")}
+    assert {s["schedule"]["name"] for s in summaries.values()} == {"linear", "refined"}, summaries.keys()
+    assert all(s["steps"] == 8 for s in summaries.values())
+    assert (tmp_path / "pipe" / "report.md").is_file()
+    _ok(_cli(venv, env, tmp_path, "pipeline", "r.yaml", "--out", "slurm-out", "--emit", "slurm", "--launcher", "accelerate",
+             "--launch-config", "launch/single_cpu.yaml"))
+    scripts = sorted((tmp_path / "slurm-out" / "slurm").glob("*.sbatch"))
+    assert scripts and (tmp_path / "slurm-out" / "slurm" / "submit.sh").is_file()
+    checkout = {str(REPO), os.path.realpath(REPO), "/work/main"}
+    for f in [p for p in (tmp_path / "slurm-out").rglob("*") if p.is_file()]:
+        text = f.read_text(errors="replace")
+        assert not [c for c in checkout if c in text], (f, [c for c in checkout if c in text])
+        assert "recipes/pretrain.py" not in text, f
+    train_jobs = [p.read_text() for p in scripts if "accelerate launch" in p.read_text()]
+    assert len(train_jobs) == 2 and all("-m llm_refine.train" in t for t in train_jobs)

@@ -113,10 +113,11 @@ def refine_stage_config(recipe: Recipe, baseline_id: str) -> dict:
 # The plan
 
 
-def run_dir_name(recipe: Recipe, label: str, lr_multiplier: float, seed: int) -> str:
-    """``<label>[-lr<m>][-seed<n>]``: an axis appears in the name only when the recipe sweeps it."""
+def run_dir_name(recipe: Recipe, label: str, lr_multiplier: float, seed: int, size: str | None = None) -> str:
+    """``<label>[-lr<m>][-seed<n>]``: an axis appears in the name only when the recipe sweeps it
+    (the LR axis: when ``size``'s grid has more than one multiplier)."""
     name = label
-    if len(recipe.lr_multipliers) > 1:
+    if len(recipe.lr_grid(size)) > 1:
         name += f"-lr{lr_multiplier:g}"
     if len(recipe.seeds) > 1:
         name += f"-seed{seed}"
@@ -143,10 +144,10 @@ class _SizePlan:
         self.runs: dict[str, dict[tuple[float, int], Stage]] = {}
 
     def _id(self, label: str, lrm: float, seed: int) -> str:
-        return f"{self.size}/{run_dir_name(self.recipe, label, lrm, seed)}"
+        return f"{self.size}/{run_dir_name(self.recipe, label, lrm, seed, self.size)}"
 
     def _candidates(self, label: str, lrms: list[float], seeds: list[int]) -> dict[float, dict[int, Path]]:
-        return {m: {sd: self.size_dir / run_dir_name(self.recipe, label, m, sd) for sd in seeds} for m in lrms}
+        return {m: {sd: self.size_dir / run_dir_name(self.recipe, label, m, sd, self.size) for sd in seeds} for m in lrms}
 
     def _refine(self, id: str, deps: list[str], spec: dict, **fields) -> Stage:
         st = _make("refine", id=id, deps=deps, size=self.size, run_dir=self.size_dir, spec=spec, **fields)
@@ -156,7 +157,8 @@ class _SizePlan:
     def refine_stages(self, label: str, lrms: list[float]) -> dict[float, Stage]:
         """lr multiplier -> the refine stage whose schedule the ``label`` runs at that LR use."""
         r, rf = self.recipe, self.recipe.refine
-        mode, fixed, seed = r.refine_mode, r.refine_from_fixed, r.refine_seed
+        mode, fixed, seed = r.refine_mode_at(self.size), r.refine_from_fixed_at(self.size), r.refine_seed
+        grid = r.lr_grid(self.size)
         base = {"norm": rf.norm, "tau": rf.tau}
         if label == REFINED:
             if mode == "fixed":  # the one-baseline refinement (recipes before refine.from: unchanged)
@@ -172,13 +174,13 @@ class _SizePlan:
                                           baseline_dir=self.size_dir / bid.split("/", 1)[1],
                                           output_name=refined_file_name(f"lr{m:g}"))
                 return out
-            cands = self._candidates(BASELINE, r.lr_multipliers, r.seeds)
-            deps = [self._id(BASELINE, m, sd) for m in r.lr_multipliers for sd in r.seeds]
+            cands = self._candidates(BASELINE, grid, r.seeds)
+            deps = [self._id(BASELINE, m, sd) for m in grid for sd in r.seeds]
             st = self._refine(f"{self.size}/refine", deps, {"baseline": "best", "seed": seed, **base},
                               candidates=cands, seed=seed)
             return {m: st for m in lrms}
         suffix = _variant_suffix(label)
-        lrs = [fixed] if mode == "fixed" else list(r.lr_multipliers)
+        lrs = [fixed] if mode == "fixed" else list(grid)
         if label == REFINED_XFER:
             src = rf.transfer_from
             steps = r.run_config(self.size, seed, lrs[0], BASELINE, "unused").train.max_steps
@@ -204,10 +206,11 @@ class _SizePlan:
     def train_runs(self, sched) -> None:
         r = self.recipe
         is_refined = sched.name == REFINED
-        refines = self.refine_stages(sched.label, r.lr_multipliers) if is_refined else {}
-        for lrm in r.lr_multipliers:
+        grid = r.lr_grid(self.size)
+        refines = self.refine_stages(sched.label, grid) if is_refined else {}
+        for lrm in grid:
             for seed in r.seeds:
-                rd = self.size_dir / run_dir_name(r, sched.label, lrm, seed)
+                rd = self.size_dir / run_dir_name(r, sched.label, lrm, seed, self.size)
                 ref = refines.get(lrm)
                 config, spec = train_stage_config(r, self.size, seed, lrm, sched.label, rd,
                                                   ref.output if ref is not None else None,

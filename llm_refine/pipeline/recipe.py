@@ -8,6 +8,7 @@ grid, and gives the base pretraining config every run shares::
     schedules: [linear, refined, cosine]     # linear = the baseline; refined = its rerun
     seeds: [0]
     lr_multipliers: [1.0]                    # peak-LR sweep: × pretrain train.learning_rate
+                                             #   (or per size: {cpu-0.5m: [1, 2, 4], cpu-2m: [2]})
     refine: {norm: l1, tau: 0.1}
     schedule: {warmup_steps: 10}             # options shared by the schedules that have them
     pretrain: {...}                          # the base pretraining config (llm_refine.train.config)
@@ -136,7 +137,7 @@ class Recipe:
     sizes: list[str]
     schedules: list[RunSchedule]
     seeds: list[int]
-    lr_multipliers: list[float]
+    lr_multipliers: list[float]  # the grid of every size (per-size grids: their sorted union)
     refine: RefineSettings
     shared_schedule: SharedScheduleOptions
     pretrain: dict
@@ -146,6 +147,31 @@ class Recipe:
     evaluate: bool = True
     description: str = ""
     path: str | None = None  # the file it came from (None for a dict)
+    size_lr_multipliers: dict[str, list[float]] = field(default_factory=dict)  # per-size grids, when given
+
+    def lr_grid(self, size: str | None = None) -> list[float]:
+        """The peak-LR multipliers ``size`` is trained at (the recipe's grid unless it is per size)."""
+        if size is not None and size in self.size_lr_multipliers:
+            return self.size_lr_multipliers[size]
+        return self.lr_multipliers
+
+    def refine_mode_at(self, size: str | None = None) -> str:
+        """`refine_mode` for one size's grid (a size with a one-LR grid is always "fixed")."""
+        grid = self.lr_grid(size)
+        if len(grid) == 1 or self.refine.lr_multiplier is not None or isinstance(self.refine.from_, float):
+            return "fixed"
+        return "each" if self.refine.from_ == "each" else "best"
+
+    def refine_from_fixed_at(self, size: str | None = None) -> float | None:
+        """`refine_from_fixed` for one size's grid."""
+        grid = self.lr_grid(size)
+        if self.refine.lr_multiplier is not None:
+            return next(m for m in grid if math.isclose(m, self.refine.lr_multiplier))
+        if isinstance(self.refine.from_, float):
+            return next(m for m in grid if math.isclose(m, self.refine.from_))
+        if len(grid) == 1:
+            return grid[0]
+        return None
 
     @property
     def refine_seed(self) -> int:
@@ -156,31 +182,27 @@ class Recipe:
         """The LR multiplier of the refined baseline when it is fixed by the recipe (refine.from or
         refine.lr_multiplier, or a one-LR grid); else (refine.from: best/each over a grid) the
         multiplier 1 if in the grid, or the middle one (the run the report plots norms of)."""
-        fixed = self.refine_from_fixed
+        return self.refine_lr_multiplier_at(None)
+
+    def refine_lr_multiplier_at(self, size: str | None = None) -> float:
+        fixed = self.refine_from_fixed_at(size)
         if fixed is not None:
             return fixed
-        if any(math.isclose(m, 1.0) for m in self.lr_multipliers):
+        grid = self.lr_grid(size)
+        if any(math.isclose(m, 1.0) for m in grid):
             return 1.0
-        return sorted(self.lr_multipliers)[len(self.lr_multipliers) // 2]
+        return sorted(grid)[len(grid) // 2]
 
     @property
     def refine_mode(self) -> str:
         """How the refine stage picks its baseline's LR: "fixed" (known when planning), "best"
         (lowest mean final loss over seeds, chosen once the baselines ran) or "each" (one refined
-        schedule per LR). A one-LR grid is always "fixed"."""
-        if len(self.lr_multipliers) == 1 or self.refine.lr_multiplier is not None or isinstance(self.refine.from_, float):
-            return "fixed"
-        return "each" if self.refine.from_ == "each" else "best"
+        schedule per LR). A one-LR grid is always "fixed". Per-size grids: `refine_mode_at`."""
+        return self.refine_mode_at(None)
 
     @property
     def refine_from_fixed(self) -> float | None:
-        if self.refine.lr_multiplier is not None:
-            return self.refine.lr_multiplier
-        if isinstance(self.refine.from_, float):
-            return next(m for m in self.lr_multipliers if math.isclose(m, self.refine.from_))
-        if len(self.lr_multipliers) == 1:
-            return self.lr_multipliers[0]
-        return None
+        return self.refine_from_fixed_at(None)
 
     @property
     def variant_labels(self) -> list[str]:
@@ -378,7 +400,8 @@ def _check_data(pretrain: dict, base_dir: Path) -> None:
             raise _err(("pretrain", "data", key), f"{p!r} does not exist; fix the path or use the embedded corpus (source: embedded)")
 
 
-def _parse_lists(raw: dict) -> tuple[list[str], list[int], list[float]]:
+def _parse_lists(raw: dict) -> tuple[list[str], list[int], list[float], dict[str, list[float]]]:
+    """sizes, seeds, the LR grid (per-size grids: their sorted union) and the per-size grids."""
     from ..train.models import MODEL_SIZES
 
     sizes = check_value(raw.get("sizes") or [], list[str], ("sizes",))
@@ -388,21 +411,49 @@ def _parse_lists(raw: dict) -> tuple[list[str], list[int], list[float]]:
         if s not in MODEL_SIZES:
             raise _err(("sizes", f"[{i}]"), f"unknown model size {s!r}; choose one of {', '.join(MODEL_SIZES)} (`llm-refine sizes`)")
     seeds = check_value(raw.get("seeds", [0]), list[int], ("seeds",), {"ge": 0})
-    lrm = check_value(raw.get("lr_multipliers", [1.0]), list[float], ("lr_multipliers",), {"gt": 0.0})
-    for key, values in (("sizes", sizes), ("seeds", seeds), ("lr_multipliers", lrm)):
+    for key, values in (("sizes", sizes), ("seeds", seeds)):
         if not values:
             raise _err(key, "is empty")
         _unique(values, key)
-    return sizes, seeds, lrm
+    raw_lrm = raw.get("lr_multipliers", [1.0])
+    per_size: dict[str, list[float]] = {}
+    if isinstance(raw_lrm, Mapping):  # a grid per size: {cpu-0.5m: [1, 2, 4], cpu-2m: [2]}
+        for size in raw_lrm:
+            if size not in sizes:
+                raise _err(("lr_multipliers", str(size)), f"names size {size!r}, which is not in 'sizes' {sizes}")
+        for size in sizes:
+            if size not in raw_lrm:
+                raise _err("lr_multipliers", f"has no grid for size {size!r}; give every size a list, or use one list for all")
+            grid = check_value(raw_lrm[size], list[float], ("lr_multipliers", size), {"gt": 0.0})
+            if not grid:
+                raise _err(("lr_multipliers", size), "is empty")
+            _unique(grid, f"lr_multipliers.{size}")
+            per_size[size] = grid
+        lrm = sorted({m for grid in per_size.values() for m in grid})
+        if all(grid == per_size[sizes[0]] for grid in per_size.values()):
+            lrm, per_size = per_size[sizes[0]], {}  # the same grid everywhere: a plain list
+    else:
+        lrm = check_value(raw_lrm, list[float], ("lr_multipliers",), {"gt": 0.0})
+        if not lrm:
+            raise _err("lr_multipliers", "is empty")
+        _unique(lrm, "lr_multipliers")
+    return sizes, seeds, lrm, per_size
 
 
-def _check_refine_combinations(refine: RefineSettings, raw: dict, sizes: list[str], seeds: list[int], lrm: list[float]) -> None:
+def _check_refine_combinations(refine: RefineSettings, raw: dict, sizes: list[str], seeds: list[int], lrm: list[float],
+                               per_size: dict[str, list[float]]) -> None:
     """The refine settings that cannot go together, refused up front (one line naming the key)."""
     src = refine.from_
     if src is not None and refine.lr_multiplier is not None:
         raise _err(("refine", "lr_multiplier"), "and refine.from both pick the baseline's LR; keep only refine.from")
-    if isinstance(src, float) and not any(math.isclose(src, m) for m in lrm):
-        raise _err(("refine", "from"), f"{src:g} is not in lr_multipliers {lrm}; use best, each or one of them")
+    grids = per_size or {None: lrm}
+    for key, m in ((("refine", "from"), src if isinstance(src, float) else None), (("refine", "lr_multiplier"), refine.lr_multiplier)):
+        for size, grid in grids.items():
+            if m is not None and not any(math.isclose(m, g) for g in grid):
+                where = f"lr_multipliers {grid}" if size is None else f"size {size}'s lr_multipliers {grid}"
+                raise _err(key, f"{m:g} is not in {where}; use best, each or one of them" if key[1] == "from"
+                           else f"{m} is not in {where}")
+    lrm = max(grids.values(), key=len)  # the largest grid decides what sweeps allow
     labels = []
     for item in raw.get("schedules") or []:
         labels.append(item if isinstance(item, str) else (item.get("label", item.get("name")) if isinstance(item, Mapping) else None))
@@ -434,13 +485,11 @@ def _parse(raw: Any, path: str | None) -> Recipe:
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise _err(str(unknown[0]), f"unknown key in the recipe; allowed: {', '.join(TOP_KEYS)}")
-    sizes, seeds, lrm = _parse_lists(raw)
+    sizes, seeds, lrm, per_size = _parse_lists(raw)
     refine = check_value(raw.get("refine") or {}, RefineSettings, ("refine",))
     if refine.seed is not None and refine.seed not in seeds:
         raise _err(("refine", "seed"), f"{refine.seed} is not one of the recipe's seeds {seeds}")
-    if refine.lr_multiplier is not None and not any(math.isclose(refine.lr_multiplier, m) for m in lrm):
-        raise _err(("refine", "lr_multiplier"), f"{refine.lr_multiplier} is not in lr_multipliers {lrm}")
-    _check_refine_combinations(refine, raw, sizes, seeds, lrm)
+    _check_refine_combinations(refine, raw, sizes, seeds, lrm, per_size)
     pretrain = check_value(raw.get("pretrain") or {}, dict[str, Any], ("pretrain",))
     _refuse_pipeline_keys(pretrain, ("pretrain",))
     _check_data(pretrain, Path(path).resolve().parent if path else Path.cwd())
@@ -451,6 +500,7 @@ def _parse(raw: Any, path: str | None) -> Recipe:
         schedules=_parse_schedules(raw.get("schedules", [BASELINE, REFINED, "cosine"])),
         seeds=seeds,
         lr_multipliers=lrm,
+        size_lr_multipliers=per_size,
         refine=refine,
         shared_schedule=check_value(raw.get("schedule") or {}, SharedScheduleOptions, ("schedule",)),
         pretrain=pretrain,
@@ -467,7 +517,7 @@ def check_runs(recipe: Recipe) -> None:
     seed), so a bad value anywhere fails now. Errors name the pretrain key and the run."""
     for size in recipe.sizes:
         for sched in recipe.run_schedules:
-            for lrm in recipe.lr_multipliers:
+            for lrm in recipe.lr_grid(size):
                 for seed in recipe.seeds:
                     try:
                         recipe.run_config(size, seed, lrm, sched.label, "unused", refined_file="refined_schedule.json")

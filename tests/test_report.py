@@ -244,3 +244,23 @@ def test_compare_keeps_separate_sweeps_apart(tmp_path):
     assert "| a/cpu-0.5m | 400.0K | 4.0000 |" in md and "| b/cpu-0.5m | 400.0K | 3.0000 |" in md
     assert "(n=2)" not in md  # not pooled as if they were two seeds
     assert (tmp_path / "c" / "plots" / "schedules-a-cpu-0.5m.png").exists()
+
+
+def test_report_reads_compact_long_schedules(tmp_path):
+    """A schedule over 100,000 steps is stored compactly (float32, base64); the report decodes it
+    instead of seeing no multipliers; a file that does not validate is shown as it is."""
+    import numpy as np
+
+    from llm_refine.artifact import make_schedule_artifact, write_schedule
+    from llm_refine.report.collect import read_artifact
+
+    m = np.linspace(1.0, 0.0, 150_001)
+    f = write_schedule(tmp_path / "long.json", make_schedule_artifact(m, provenance={"norm": "l1"}))
+    assert "multipliers" not in json.loads(f.read_text())  # really the compact form
+    art = read_artifact(f)
+    assert isinstance(art["multipliers"], list) and len(art["multipliers"]) == m.size
+    assert art["multipliers"][0] == 1.0 and art["multipliers"][-1] == 0.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "nope", "multipliers": [0, 0]}))
+    assert read_artifact(bad) == {"format": "nope", "multipliers": [0, 0]}
+    assert read_artifact(None) is None

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from ..artifact import read_schedule
 from ..errors import UserError
 from ..fileio import read_json, read_jsonl
 from ..labels import REFINED
@@ -198,9 +201,18 @@ def collect_runs(dirs: Iterable[str | os.PathLike], *, tag_sources: bool = False
 
 
 def read_artifact(path: Path | None) -> dict | None:
-    """A schedule file's JSON object, or None when there is none."""
-    art = read_json(path) if path is not None else None
-    return art if isinstance(art, dict) else None
+    """A schedule file's JSON object with its multipliers as a list (a compact long schedule
+    decoded), or None when there is none. A file that does not validate is returned as it is (the
+    report shows what it holds rather than failing)."""
+    if path is None:
+        return None
+    try:
+        art = read_schedule(path)
+    except UserError:
+        art = read_json(path)
+        return art if isinstance(art, dict) else None
+    art["multipliers"] = np.asarray(art["multipliers"], dtype=float).tolist()
+    return art
 
 
 @dataclass

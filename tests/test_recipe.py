@@ -25,9 +25,13 @@ def base(**kw) -> dict:
 
 def test_shipped_recipes_load():
     tiny = load_recipe(REPO / "recipes" / "tiny.yaml")
-    assert len(tiny.sizes) >= 3 and all(s.startswith("cpu-") for s in tiny.sizes)
+    assert len(tiny.sizes) >= 2 and all(s.startswith("cpu-") for s in tiny.sizes)
     assert [s.label for s in tiny.schedules] == ["linear", "refined", "cosine"]
     assert tiny.pretrain["data"]["source"] == "embedded"
+    # Informative within its budget (issue #10): >= 2 seeds and a swept peak LR.
+    assert len(tiny.seeds) >= 2 and max(len(tiny.lr_grid(s)) for s in tiny.sizes) >= 3
+    study = load_recipe(REPO / "recipes" / "cpu-study.yaml")
+    assert len(study.seeds) >= 3 and len(study.lr_grid("cpu-0.5m")) >= 3 and study.refine.rounds == 2
     c4 = load_recipe(REPO / "recipes" / "c4.yaml")
     assert c4.sizes == ["124m", "350m", "760m", "1.3b"]
     assert c4.pretrain["data"]["source"] == "c4" and c4.pretrain["train"]["bf16"] is True

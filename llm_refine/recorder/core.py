@@ -41,6 +41,10 @@ class GradNormRecorder:
     is a collective, so all ranks must flush at the same steps (the Trainer callback and the
     accelerate hook do), and ``capture`` returns this rank's local sums. Used for DeepSpeed, where
     nothing needs the global norm inside the step (DeepSpeed clips by itself).
+    ``fused``: compute both sums in one compiled pass per gradient on CPU (``None``: automatic —
+    large enough gradient lists, unless ``LLM_REFINE_FUSED_NORMS=0``; ``False``: force the
+    two-pass fallback; ``True``: always try the kernel); see :mod:`llm_refine.recorder.fused`.
+    Either way the recorder only reads the gradients.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class GradNormRecorder:
         norms: Sequence[str] = _NORMS,
         param_groups: Sequence[Iterable[torch.nn.Parameter]] | None = None,
         group_names: Sequence[str] | None = None,
+        fused: bool | None = None,
     ):
         if flush_every is None or int(flush_every) < 1:
             raise UserError(f"flush_every={flush_every!r}: must be a positive number of steps")
@@ -62,6 +67,8 @@ class GradNormRecorder:
         if unknown or not norms:
             raise UserError(f"norms={tuple(norms)!r}: choose from {_NORMS}")
         self.backend = backend
+        if fused is not None:
+            backend.fused = bool(fused)
         self.flush_every = int(flush_every)
         self.norms = tuple(norms)
         self.param_groups = [list(g) for g in param_groups] if param_groups is not None else None

@@ -15,8 +15,10 @@ Two levels, so that no engine has a method it cannot honour:
   DDP, FSDP1, FSDP2) adds ``parameters()``, ``local_grads()``, ``group_sums(groups)``. DeepSpeed
   keeps flat ZeRO partitions, so its backend is a plain :class:`NormBackend`.
 
-Everything stays on the gradients' device: per-tensor norms come from ``torch._foreach_norm``
-(one fused kernel per device/dtype bucket), and the result is a (2,) tensor — no host sync.
+Everything stays on the gradients' device and the result is a (2,) tensor — no host sync. On CPU
+both sums come from one compiled pass over each gradient (:mod:`llm_refine.recorder.fused`), with
+the two-pass eager reduction as the fallback; on accelerators per-tensor norms come from
+``torch._foreach_norm`` (one fused kernel per device/dtype bucket and norm).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .. import fused as _fused
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
@@ -63,10 +67,16 @@ def is_dtensor(t: Any) -> bool:
     return api is not None and isinstance(t, api[0])
 
 
-def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *, fused: bool | None = None) -> torch.Tensor:
     """[Σ|g|, Σg²] over plain (local) tensors, as a (2,) tensor on ``device`` (default: the first
-    grad's device). Tensors are bucketed by (device, dtype) so each bucket is one fused
-    ``_foreach_norm`` call per norm; norms are computed in float32 even for bf16/fp16 grads."""
+    grad's device). Tensors are bucketed by (device, dtype); sums are float32 per tensor even for
+    bf16/fp16 grads, float64 (MPS: float32) across tensors.
+
+    CPU buckets of float32/bf16/fp16 grads go through the one-pass compiled kernel of
+    :mod:`llm_refine.recorder.fused` (``fused=None``: when the bucket has at least
+    ``fused.MIN_NUMEL`` elements and ``LLM_REFINE_FUSED_NORMS`` does not turn it off; ``True``: always;
+    ``False``: never); every other bucket, and any bucket whose kernel is unavailable, uses
+    :func:`sums_two_pass` (one fused ``_foreach_norm`` call per norm on accelerators)."""
     grads = [g for g in grads if g is not None and g.numel() > 0]
     if device is None:
         device = grads[0].device if grads else torch.device("cpu")
@@ -75,18 +85,35 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None) -
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         buckets[(g.device, g.dtype)].append(g)
+    mode = _fused.resolve(fused)
     for (dev, _), ts in buckets.items():
-        a = _acc_dtype(dev)
-        if dev.type == "cpu":
-            # The CPU ord-1 norm kernel is ~2x slower than abs().sum() (measured, torch 2.13).
-            n1 = torch.stack([g.abs().sum(dtype=torch.float32) for g in ts])
-        else:
-            n1 = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32))
-        n2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)).to(a)
-        part = torch.stack([n1.sum(dtype=a), torch.dot(n2, n2)])
+        part = None
+        if _fused.applicable(ts, mode):
+            part = _fused.FUSED(ts, lambda ts=ts: _bucket_two_pass(ts, dev))
+        if part is None:
+            part = _bucket_two_pass(ts, dev)
         # non_blocking only host->device: a non-blocking device->host copy could be read early
-        out += part.to(device=device, non_blocking=device.type != "cpu")
+        out += part.to(device=device, dtype=acc, non_blocking=device.type != "cpu")
     return out
+
+
+def _bucket_two_pass(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """(2,) sums of one (device, dtype) bucket of non-empty tensors, one pass per norm."""
+    a = _acc_dtype(dev)
+    # float32 sums per tensor (half-precision grads widened); float64 grads keep float64
+    nd = torch.float32 if ts[0].dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    if dev.type == "cpu":
+        # The CPU ord-1 norm kernel is ~2x slower than abs().sum() (measured, torch 2.13).
+        n1 = torch.stack([g.abs().sum(dtype=nd) for g in ts])
+    else:
+        n1 = torch.stack(torch._foreach_norm(ts, 1, dtype=nd))
+    n2 = torch.stack(torch._foreach_norm(ts, 2, dtype=nd)).to(a)
+    return torch.stack([n1.sum(dtype=a), torch.dot(n2, n2)])
+
+
+def sums_two_pass(grads: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """:func:`sums_of` with the fused kernel off: the reference the fused path is checked against."""
+    return sums_of(grads, device, fused=False)
 
 
 def grad_scale_of(scaler: Any, optimizer: Any = None) -> torch.Tensor | None:
@@ -148,6 +175,10 @@ class NormBackend(abc.ABC):
     reduce_group: Any = None
     needs_reduce: bool = False
     clips_itself: bool = False
+    #: one-pass compiled sums on CPU: None = auto (size threshold, ``LLM_REFINE_FUSED_NORMS``),
+    #: False = always the two-pass fallback, True = always try the compiled kernel
+    #: (``GradNormRecorder(fused=...)`` sets it).
+    fused: bool | None = None
 
     def meta(self) -> dict:
         """Header metadata: at least ``engine`` and ``world_size``."""
@@ -220,7 +251,7 @@ class ParamGradBackend(NormBackend):
         return {**super().meta(), "param_dtype": dtype}
 
     def local_sums(self) -> torch.Tensor:
-        return self._unscale(sums_of([g for _, g in self.local_grads()], self.device))
+        return self._unscale(sums_of([g for _, g in self.local_grads()], self.device, fused=self.fused))
 
     def group_sums(self, param_groups: Sequence[Iterable[nn.Parameter]]) -> torch.Tensor:
         """(G, 2) sums per parameter group (e.g. ``optimizer.param_groups``' params), matched by
@@ -235,7 +266,7 @@ class ParamGradBackend(NormBackend):
             if gi is not None:
                 per[gi].append(g)
         dev = self.device
-        return torch.stack([self._unscale(sums_of(gs, dev)) for gs in per])
+        return torch.stack([self._unscale(sums_of(gs, dev, fused=self.fused)) for gs in per])
 
     @property
     def device(self) -> torch.device:

@@ -31,7 +31,7 @@ def test_shipped_recipes_load():
     # Informative within its budget (issue #10): >= 2 seeds and a swept peak LR.
     assert len(tiny.seeds) >= 2 and max(len(tiny.lr_grid(s)) for s in tiny.sizes) >= 3
     study = load_recipe(REPO / "recipes" / "cpu-study.yaml")
-    assert len(study.seeds) >= 3 and len(study.lr_grid("cpu-0.5m")) >= 3 and study.refine.rounds == 2
+    assert len(study.seeds) >= 3 and len(study.lr_grid("cpu-0.5m")) >= 3
     c4 = load_recipe(REPO / "recipes" / "c4.yaml")
     assert c4.sizes == ["124m", "350m", "760m", "1.3b"]
     assert c4.pretrain["data"]["source"] == "c4" and c4.pretrain["train"]["bf16"] is True

@@ -292,10 +292,19 @@ def _repo_examples() -> dict[str, str]:
     return {f"{sub}/{p.name}": sha256_file(p) for sub, pats in KINDS.values() for pat in pats for p in (REPO / sub).glob(pat)}
 
 
+def _setuptools_release() -> tuple[int, ...]:
+    """This environment's setuptools release, () when there is none (the build backend pyproject.toml names)."""
+    from importlib import metadata
+
+    try:
+        return _compat.release(metadata.version("setuptools"))
+    except metadata.PackageNotFoundError:
+        return ()
+
+
 @pytest.fixture(scope="module")
 def wheel_venv(request, tmp_path_factory):
-    """(venv, env, cache): the wheel built from this tree, installed alone into a fresh venv."""
-    import importlib.util
+    """(venv, env): the wheel built from this tree, installed alone into a fresh venv."""
     import json
     import zipfile
 
@@ -309,9 +318,9 @@ def wheel_venv(request, tmp_path_factory):
     src = _copy_source(base / "src")
     dist = base / "dist"
     # The sdist first, then the wheel from it (what pip builds from an sdist on an index): the sdist
-    # must carry recipes/ and launch/ too. Without setuptools here, pip builds the wheel from the
-    # tree in an isolated build environment (which needs the package index).
-    if importlib.util.find_spec("setuptools") is not None:
+    # must carry recipes/ and launch/ too. Without setuptools>=61 here, pip builds the wheel from
+    # the tree in an isolated build environment (which needs the package index).
+    if _setuptools_release() >= (61,):
         r = _run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
                   str(dist)], cwd=src, env=env)
         assert r.returncode == 0, r.stderr[-3000:]

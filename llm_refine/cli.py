@@ -311,13 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     el = exsub.add_parser("list", help="name, kind (recipe or launch) and the first comment line of each")
     el.set_defaults(func=cmd_examples_list)
     es = exsub.add_parser("show", help="print one example")
-    es.add_argument("name", metavar="NAME")
+    es.add_argument("name", metavar="NAME", help="an example: tiny, single_cpu, slurm, ... (`llm-refine examples list`)")
     es.set_defaults(func=cmd_examples_show)
     ec = exsub.add_parser("copy", help="copy one example into your directory to edit",
                           description="Copy the example NAME to DEST: a directory (existing, or with a trailing "
                                       "slash) receives it under its own file name, any other path is the file to "
                                       "write. An existing file is never replaced without --force.")
-    ec.add_argument("name", metavar="NAME")
+    ec.add_argument("name", metavar="NAME", help="an example: tiny, single_cpu, slurm, ... (`llm-refine examples list`)")
     ec.add_argument("dest", metavar="DEST", nargs="?", default=None, help="directory or file (default: the current directory)")
     ec.add_argument("--force", action="store_true", help="overwrite an existing file")
     ec.set_defaults(func=cmd_examples_copy)

@@ -140,6 +140,9 @@ class GradNormCallback(TrainerCallback):
             per_group=self.per_group,
             reuse_norm=self.reuse_norm,
             expect_clip_call=bool(args.max_grad_norm and args.max_grad_norm > 0),
+            # The Trainer has its own checkpoints (start_step above) and its own logs (report_to).
+            log_to_trackers=False,
+            checkpointing=False,
         )
         if self.log_norms:
             self._wrap_log(trainer)

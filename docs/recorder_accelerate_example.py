@@ -36,8 +36,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / args.steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    # After prepare: pass what prepare returned. Resuming at optimizer step N: start_step=N
-    # (records past the checkpoint are dropped); call hook.sync() when you save a checkpoint.
+    # After prepare: pass what prepare returned. The hook registers itself for checkpointing, so
+    # accelerator.save_state / load_state carry its step and the history position (no extra calls).
     hook = AccelerateGradNormHook(accelerator, model, optimizer, f"{args.output_dir}/gradnorms.jsonl",
                                   flush_every=10, meta={"max_grad_norm": 1.0, "grad_accum": args.grad_accum})
     for ids in loader:

@@ -27,6 +27,16 @@ def run_reporting_errors(prog: str, fn) -> int:
     except UserError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our stdout went away (`llm-refine examples list | head`): not a user error.
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except OSError as e:
         name = getattr(e, "filename", None) or ""
         print(f"{prog}: error: {name}: {one_line(e.strerror or e)}; check the path", file=sys.stderr)

@@ -285,3 +285,14 @@ def test_pretrain_runs_the_entry_point(tmp_path, monkeypatch, capsys):
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["train_sequences"] > 0 and info["val_sequences_available"] >= 16
     assert not (tmp_path / "run").exists()  # prepared only: nothing trained
+
+
+def test_broken_pipe_is_not_an_error(tmp_path):
+    """`llm-refine examples list | head -1`: the reader closing the pipe early is not a bad path."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"{sys.executable} -m llm_refine.cli examples list | head -1", shell=True,
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert len(p.stdout.splitlines()) == 1
+    assert "error" not in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -105,13 +105,15 @@ class _Emitter:
         return " ".join(["llm-refine pipeline", shlex.quote(self.recipe_path), "--out", shlex.quote(str(self.out)),
                          "--stage", shlex.quote(stage_id), *extra])
 
-    def preamble(self, name: str, stage_id: str | None) -> list[str]:
+    def preamble(self, name: str, stage_id: str | None, *, trains: bool = False) -> list[str]:
         """``set -euo pipefail``, the working directory, the EXIT trap that records how the job
-        ended (before the setup lines: a failing setup line is recorded too), the setup lines."""
+        ended (before the setup lines: a failing setup line is recorded too), the setup lines.
+        A ``--stage`` job that exits 0 recorded its own end: its trap skips the second record."""
         status = job_status_path(self.out, name)
         q = shlex.quote(str(status))
         record = [] if stage_id is None else [
-            "  " + self.pipeline_cmd(stage_id, '--job-exit "$rc"') + " || echo \"could not record the job's end in "
+            "  " + ("" if trains else '[ "$rc" -eq 0 ] || ') + self.pipeline_cmd(stage_id, '--job-exit "$rc"')
+            + " || echo \"could not record the job's end in "
             f"pipeline_state.json (the report job reads {status})\" >&2"]
         return [
             "", "set -euo pipefail", f"cd {shlex.quote(self.cwd)}",
@@ -134,8 +136,8 @@ class _Emitter:
         s = self.recipe.slurm
         nodes, gpus = stage.slurm_resources(s.nodes, s.gpus_per_node)
         lines = _sbatch_header(self.recipe, self.job_name(stage.id), self.log_dir, nodes=nodes, gpus=gpus)
-        lines += self.preamble(stage.id, stage.id)
         args = stage.launch_args()
+        lines += self.preamble(stage.id, stage.id, trains=args is not None)
         if args is not None:
             # The marker lets a later in-process `llm-refine pipeline` on this --out recognise the run;
             # the job trains from the resolved config written here.

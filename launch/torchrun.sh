@@ -12,4 +12,4 @@ MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --nproc_per_node "${NPROC}" --nnodes "${NNODES}" --node_rank "${NODE_RANK}" \
   --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
-  recipes/pretrain.py "$@"
+  -m llm_refine.train "$@"

@@ -41,9 +41,9 @@ class GradNormRecorder:
     is a collective, so all ranks must flush at the same steps (the Trainer callback and the
     accelerate hook do), and ``capture`` returns this rank's local sums. Used for DeepSpeed, where
     nothing needs the global norm inside the step (DeepSpeed clips by itself).
-    ``fused``: compute both sums in one compiled pass per gradient on CPU (``None``: automatic —
-    large enough gradient lists, unless ``LLM_REFINE_FUSED_NORMS=0``; ``False``: force the
-    two-pass fallback; ``True``: always try the kernel); see :mod:`llm_refine.recorder.fused`.
+    ``fused``: compute both sums in one compiled pass over the gradients on CPU (``None``: yes,
+    unless ``LLM_REFINE_FUSED_NORMS=0``; ``False``: force the two-pass fallback; ``True``: yes);
+    see :mod:`llm_refine.recorder.fused`.
     Either way the recorder only reads the gradients.
     """
 

@@ -50,8 +50,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist_on() else 1
 
 
+_DTENSOR_API: list = []  # cached: the import statement below costs ~10 us per call, per gradient
+
+
 def dtensor_api():
     """(DTensor, Replicate, Shard), or None without DTensor support (public module from torch 2.5)."""
+    if _DTENSOR_API:
+        return _DTENSOR_API[0]
+    api = _dtensor_api()
+    _DTENSOR_API.append(api)
+    return api
+
+
+def _dtensor_api():
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # pragma: no cover - older torch
@@ -73,10 +84,10 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *
     bf16/fp16 grads, float64 (MPS: float32) across tensors.
 
     CPU buckets of float32/bf16/fp16 grads go through the one-pass compiled kernel of
-    :mod:`llm_refine.recorder.fused` (``fused=None``: when the bucket has at least
-    ``fused.MIN_NUMEL`` elements and ``LLM_REFINE_FUSED_NORMS`` does not turn it off; ``True``: always;
-    ``False``: never); every other bucket, and any bucket whose kernel is unavailable, uses
-    :func:`sums_two_pass` (one fused ``_foreach_norm`` call per norm on accelerators)."""
+    :mod:`llm_refine.recorder.fused` (``fused=None``: unless ``LLM_REFINE_FUSED_NORMS=0``;
+    ``True``: yes; ``False``: never); every other bucket, and every bucket when the kernel is
+    unavailable, uses the two-pass reduction of :func:`sums_two_pass` (on accelerators one fused
+    ``_foreach_norm`` call per norm)."""
     grads = [g for g in grads if g is not None and g.numel() > 0]
     if device is None:
         device = grads[0].device if grads else torch.device("cpu")
@@ -89,7 +100,7 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *
     for (dev, _), ts in buckets.items():
         part = None
         if _fused.applicable(ts, mode):
-            part = _fused.FUSED(ts, lambda ts=ts: _bucket_two_pass(ts, dev))
+            part = _fused.FUSED(ts, lambda sub, dev=dev: _bucket_two_pass(sub, dev))
         if part is None:
             part = _bucket_two_pass(ts, dev)
         # non_blocking only host->device: a non-blocking device->host copy could be read early
@@ -175,8 +186,8 @@ class NormBackend(abc.ABC):
     reduce_group: Any = None
     needs_reduce: bool = False
     clips_itself: bool = False
-    #: one-pass compiled sums on CPU: None = auto (size threshold, ``LLM_REFINE_FUSED_NORMS``),
-    #: False = always the two-pass fallback, True = always try the compiled kernel
+    #: one-pass compiled sums on CPU: None = yes unless ``LLM_REFINE_FUSED_NORMS=0``,
+    #: False = always the two-pass fallback, True = yes
     #: (``GradNormRecorder(fused=...)`` sets it).
     fused: bool | None = None
 

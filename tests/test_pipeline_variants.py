@@ -59,9 +59,50 @@ def prov(path: Path) -> dict:
 TINY_PLAN_SHA256 = "d0059fafc24d3b6293ea8e4bf0c287dc941d6604f4e812b165de2cee770c867c"  # computed with the code before issue #10 items 2-3
 
 
+# recipes/tiny.yaml as it was before it got seeds and an LR grid (issue #10, item 6): a one-LR,
+# one-seed recipe must keep planning exactly as it did before the variants and per-size grids.
+OLD_TINY_YAML = """\
+name: tiny
+description: >-
+  Three CPU sizes, 250 optimizer steps of 8 x 64 tokens each on the embedded corpus; linear
+  (warm-up + linear decay, the baseline whose l1 gradient norms are refined), refined (tau 0.1,
+  used as computed), cosine (same warm-up); same seed, data order and peak LR for all.
+sizes: [cpu-0.5m, cpu-2m, cpu-8m]
+schedules: [linear, refined, cosine]
+seeds: [0]
+lr_multipliers: [1.0]
+refine:
+  norm: l1        # l1 norms with weights 1/n: the paper's choice for Adam-type optimizers
+  tau: 0.1        # median-filter width as a fraction of the run
+  warmup: false   # the refined schedule is used as computed (its warm-up comes from the norms)
+schedule:
+  warmup_steps: 25   # linear and cosine: 10% warm-up
+pretrain:
+  data:
+    source: embedded
+    seq_len: 64
+    vocab_size: 2048
+    val_sequences: 48
+  train:
+    max_steps: 250
+    batch_size: 8
+    learning_rate: 0.003
+    weight_decay: 0.1
+    max_grad_norm: 1.0
+    eval_every: 50
+    save_every: 125
+    log_every: 1
+    print_every: 50
+launch:
+  launcher: inprocess
+"""
+
+
 def test_tiny_recipe_plans_exactly_as_before(tmp_path):
     out = (tmp_path / "o").resolve()
-    stages = plan(load_recipe(REPO / "recipes" / "tiny.yaml"), out)
+    f = tmp_path / "tiny.yaml"
+    f.write_text(OLD_TINY_YAML, encoding="utf-8")
+    stages = plan(load_recipe(f), out)
     assert [(s.id, s.deps) for s in stages] == [
         ("cpu-0.5m/linear", []), ("cpu-0.5m/refine", ["cpu-0.5m/linear"]), ("cpu-0.5m/refined", ["cpu-0.5m/refine"]),
         ("cpu-0.5m/cosine", []), ("cpu-0.5m/evaluate", ["cpu-0.5m/linear", "cpu-0.5m/refined", "cpu-0.5m/cosine"]),

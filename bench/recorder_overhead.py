@@ -11,9 +11,16 @@ batch 8, one thread, CPU):
 2. in isolation, on the same gradients: one ``GradNormRecorder.capture`` (ℓ1 + ℓ2, device
    buffer, no host sync) vs the Trainer's own grad-norm call
    (``torch.nn.utils.clip_grad_norm_(params, inf)``, which it runs every step even without
-   clipping, plus its ``.item()`` at logging).
+   clipping), for the one-pass compiled capture (``llm_refine.recorder.fused``, the default on
+   CPU) and for the two-pass fallback (``fused=False``), in interleaved blocks (median of the
+   blocks' means: the machine may be shared); the fused kernel's build time (cold, in a fresh
+   process with an empty inductor cache) and its load at the first capture are printed apart,
+   never counted as a step's cost.
 
-    python bench/recorder_overhead.py [--size cpu-0.5m] [--steps 30] [--rounds 3]
+The Trainer runs are repeated with ``LLM_REFINE_FUSED_NORMS=0`` (the fallback) so the net overhead
+is printed for both paths.
+
+    python bench/recorder_overhead.py [--size cpu-0.5m] [--steps 30] [--rounds 3] [--no-fallback-runs]
 
 Note (transformers 5.x): the Trainer computes its own ℓ2 every optimizer step even with
 ``max_grad_norm=0`` (``_get_grad_norm`` calls ``clip_grad_norm_(…, inf)``), so "without the
@@ -53,7 +60,8 @@ def _model(size: str):
         return LlamaForCausalLM(cfg)
 
 
-def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int, reuse: bool = False) -> dict:
+def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, batch: int, reuse: bool = False,
+                fallback: bool = False) -> dict:
     """Per-step wall times of one Trainer run, plus, measured inside the same steps (robust to
     the machine's load, unlike comparing separate runs): the time in the Trainer's
     ``accelerator.clip_grad_norm_`` call (its own norm; with the recorder, the wrapper that
@@ -61,6 +69,7 @@ def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, ba
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llm_refine import GradNormCallback
+    from llm_refine.recorder import fused
     from llm_refine.recorder.callback import find_trainer
 
     step_t: list[float] = []
@@ -101,22 +110,61 @@ def trainer_run(size: str, steps: int, recorder: bool, clip: float, seq: int, ba
             flush_t.append(acc["flush"])
 
     model = _model(size)
+    old_env = os.environ.get(fused.ENV)
+    if fallback:
+        os.environ[fused.ENV] = "0"  # the two-pass path, for the whole run
+    calls0 = fused.FUSED.calls
+    try:
+        _train(model, steps, clip, seq, batch, gcb, Timer())
+    finally:
+        if old_env is None:
+            os.environ.pop(fused.ENV, None)
+        else:
+            os.environ[fused.ENV] = old_env
+    # drop warm-up steps; logging_steps=1: every step flushes (the worst case for the recorder)
+    return {"step": step_t[3:], "rec": rec_t[3:steps], "clip": clip_t[3:steps], "flush": flush_t[3:steps],
+            "fused_calls": [float(fused.FUSED.calls - calls0)]}
+
+
+def _train(model, steps, clip, seq, batch, gcb, timer) -> None:
+    from transformers import Trainer, TrainingArguments
+
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch, max_steps=steps, logging_steps=1,
             report_to="none", use_cpu=True, max_grad_norm=clip, save_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, learning_rate=1e-3,
         )
-        cbs = ([gcb] if gcb else []) + [Timer()]
+        cbs = ([gcb] if gcb else []) + [timer]
         Trainer(model=model, args=args, train_dataset=_data(model.config.vocab_size, seq, steps * batch),
                 callbacks=cbs).train()
-    # drop warm-up steps; logging_steps=1: every step flushes (the worst case for the recorder)
-    return {"step": step_t[3:], "rec": rec_t[3:steps], "clip": clip_t[3:steps], "flush": flush_t[3:steps]}
 
 
-def isolated(size: str, seq: int, batch: int, reps: int) -> dict:
+def cold_build_s() -> float | None:
+    """Seconds to build the fused kernel with an empty inductor cache, in a fresh process (what the
+    first run on a machine pays; later processes load it from the on-disk cache)."""
+    import subprocess
+
+    code = ("import time; from llm_refine.recorder import fused; t = time.perf_counter(); "
+            "ok = fused.FUSED._get() is not None; print(time.perf_counter() - t if ok else -1)")
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": d}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    try:
+        v = float(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return v if v >= 0 else None
+
+
+def isolated(size: str, seq: int, batch: int, reps: int, blocks: int) -> dict:
+    """On the same gradients: capture (fused / fallback) and the Trainer's own ℓ2 call, in
+    interleaved blocks of ``reps`` calls (``blocks`` of each, in turn); per-call times are the
+    median over blocks of each block's mean. The fused kernel is compiled (cache cleared first) and
+    its first call timed before any block."""
     import torch
 
+    from llm_refine.recorder import fused
     from llm_refine.recorder.backends import LocalBackend
     from llm_refine.recorder.core import GradNormRecorder
 
@@ -127,27 +175,47 @@ def isolated(size: str, seq: int, batch: int, reps: int) -> dict:
     model(input_ids=x, labels=x).loss.backward()
     fwd_bwd = time.perf_counter() - t0
     params = [p for p in model.parameters()]
-    rec = GradNormRecorder(LocalBackend(model), None, flush_every=10)
+    fused.FUSED.clear()
+    rec_f = GradNormRecorder(LocalBackend(model), None, flush_every=10, fused=True)
+    rec_b = GradNormRecorder(LocalBackend(model), None, flush_every=10, fused=False)
+    t0 = time.perf_counter()
+    first = rec_f.capture(0)
+    first_call = time.perf_counter() - t0
+    compiled = fused.FUSED.available()
+    check = rec_b.capture(0)
+    rel = ((first - check).abs() / check.abs()).tolist()
+    calls0 = fused.FUSED.calls
 
-    def timeit(fn):
+    step = [1]
+
+    def cap(rec):
+        def run():
+            rec.capture(step[0])
+            step[0] += 1
+        return run
+
+    fns = {"fused": cap(rec_f), "fallback": cap(rec_b),
+           "trainer": lambda: torch.nn.utils.clip_grad_norm_(params, float("inf"))}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
         for _ in range(3):
             fn()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps
-
-    step = [0]
-
-    def capture():
-        rec.capture(step[0])
-        step[0] += 1
-
-    t_rec = timeit(capture)
-    t_trainer = timeit(lambda: torch.nn.utils.clip_grad_norm_(params, float("inf")))
-    rec.close()
+    for _ in range(blocks):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[k].append((time.perf_counter() - t) / reps)
+    fused_calls = fused.FUSED.calls - calls0
+    rec_f.close()
+    rec_b.close()
     n = sum(p.numel() for p in params)
-    return {"params": n, "fwd_bwd_s": fwd_bwd, "capture_s": t_rec, "trainer_norm_s": t_trainer}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"params": n, "tensors": len(params), "fwd_bwd_s": fwd_bwd, "first_call_s": first_call,
+            "compile_s": fused.FUSED.compile_s,
+            "compile_cpu_s": fused.FUSED.compile_cpu_s, "cold_build_s": cold_build_s(), "compiled": compiled, "failures": dict(fused.FUSED.failures),
+            "fused_calls": fused_calls, "rel_diff": rel, **{f"{k}_s": v for k, v in med.items()},
+            "spread": {k: (min(v), max(v)) for k, v in times.items()}}
 
 
 def main(argv=None) -> int:
@@ -157,7 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=20, help="calls per isolated timing block")
+    ap.add_argument("--blocks", type=int, default=30, help="interleaved isolated blocks per variant")
+    ap.add_argument("--no-fallback-runs", action="store_true", help="skip the Trainer runs of the two-pass fallback")
     a = ap.parse_args(argv)
     import warnings
 
@@ -165,23 +235,39 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    iso = isolated(a.size, a.seq, a.batch, a.reps)
-    configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0, False),
-               "GradNormCallback (max_grad_norm=0)": (True, 0.0, False),
-               "Trainer clipping (max_grad_norm=1, no recorder)": (False, 1.0, False),
-               "GradNormCallback + clipping (max_grad_norm=1)": (True, 1.0, False),
-               "GradNormCallback(reuse_norm=True) + clipping": (True, 1.0, True)}
+    load0 = os.getloadavg()[0]
+    iso = isolated(a.size, a.seq, a.batch, a.reps, a.blocks)
+    # name: (recorder, clip, reuse_norm, fallback)
+    configs = {"baseline (no recorder, max_grad_norm=0)": (False, 0.0, False, False),
+               "GradNormCallback (max_grad_norm=0)": (True, 0.0, False, False),
+               "Trainer clipping (max_grad_norm=1, no recorder)": (False, 1.0, False, False),
+               "GradNormCallback + clipping (max_grad_norm=1)": (True, 1.0, False, False),
+               "GradNormCallback(reuse_norm=True) + clipping": (True, 1.0, True, False)}
+    if not a.no_fallback_runs:
+        configs.update({"GradNormCallback, fallback (max_grad_norm=0)": (True, 0.0, False, True),
+                        "GradNormCallback + clipping, fallback": (True, 1.0, False, True)})
     per: dict[str, dict[str, list[float]]] = {k: {} for k in configs}
     for _ in range(a.rounds):
-        for name, (recorder, clip, reuse) in configs.items():
-            r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch, reuse)
+        for name, (recorder, clip, reuse, fb) in configs.items():
+            r = trainer_run(a.size, a.steps, recorder, clip, a.seq, a.batch, reuse, fallback=fb)
             for key, vals in r.items():
                 per[name].setdefault(key, []).extend(vals)
     med = {k: {key: statistics.median(v) for key, v in d.items() if v} for k, d in per.items()}
-    B, R, C, RC, RR = (med[k] for k in configs)
+    names = list(configs)
+    B, R, C, RC, RR = (med[k] for k in names[:5])
     base = B["step"]
-    print(f"model {a.size}: {iso['params']:,} parameters, seq {a.seq}, batch {a.batch}, 1 thread, "
-          f"{a.rounds} rounds x {a.steps} steps, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
+    print(f"model {a.size}: {iso['params']:,} parameters in {iso['tensors']} tensors, seq {a.seq}, batch {a.batch}, "
+          f"1 thread, {a.rounds} rounds x {a.steps} steps, torch {torch.__version__}, "
+          f"load avg {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    if iso["compiled"]:
+        cold = iso["cold_build_s"]
+        print(f"Fused kernel: first capture {iso['first_call_s'] * 1e3:.1f} ms (kernel load from inductor's on-disk cache "
+              f"{iso['compile_s'] * 1e3:.1f} ms incl. its self-test); cold build in a fresh process "
+              + (f"{cold:.2f} s" if cold is not None else "failed")
+              + f"; none of it counted below. Fused vs fallback sums, relative: l1 {iso['rel_diff'][0]:.1e}, "
+              f"l2^2 {iso['rel_diff'][1]:.1e}")
+    else:
+        print(f"Fused kernel UNAVAILABLE (the capture falls back to two passes): {iso['failures']}")
     print("Trainer median step time (separate runs, interleaved; sensitive to machine load):")
     for k in configs:
         v = med[k]["step"]
@@ -198,11 +284,23 @@ def main(argv=None) -> int:
     print(f"  net extra per step, max_grad_norm=0 (call + flush - own) {pct(R['clip'] + R['flush'] - B['clip'])}")
     print(f"  net extra per step, max_grad_norm=1 (call + flush - own) {pct(RC['clip'] + RC['flush'] - C['clip'])}")
     print(f"  net extra per step, max_grad_norm=1, reuse_norm=True     {pct(RR['clip'] + RR['flush'] - C['clip'])}")
+    if not a.no_fallback_runs:
+        FR, FC = med[names[5]], med[names[6]]
+        print(f"  fallback: net extra per step, max_grad_norm=0            {pct(FR['clip'] + FR['flush'] - B['clip'])}")
+        print(f"  fallback: net extra per step, max_grad_norm=1            {pct(FC['clip'] + FC['flush'] - C['clip'])}")
     print(f"  recorder capture+flush / Trainer's own norm call         {R['rec'] / B['clip']:7.3f}")
-    print("Isolated, same gradients (mean of %d calls):" % a.reps)
-    print(f"  recorder capture (l1+l2, device buffer)   {iso['capture_s'] * 1e3:8.3f} ms")
-    print(f"  Trainer's own norm (clip_grad_norm_(inf)) {iso['trainer_norm_s'] * 1e3:8.3f} ms")
-    print(f"  capture / Trainer's own norm              {iso['capture_s'] / iso['trainer_norm_s']:8.3f}")
+    fused_runs = sum(per[names[1]]["fused_calls"])
+    print(f"  (fused captures in the default recorder runs: {fused_runs:.0f}"
+          + (f"; in the fallback runs: {sum(per[names[5]]['fused_calls']):.0f})" if not a.no_fallback_runs else ")"))
+    tr = iso["trainer_s"]
+    print(f"Isolated, same gradients (median of {a.blocks} interleaved blocks x {a.reps} calls; block spread in brackets):")
+    for k, label in (("fused", "recorder capture, fused (one pass)"), ("fallback", "recorder capture, fallback (two passes)"),
+                     ("trainer", "Trainer's own norm (clip_grad_norm_(inf))")):
+        lo, hi = iso["spread"][k]
+        print(f"  {label:42s} {iso[k + '_s'] * 1e3:8.3f} ms  [{lo * 1e3:.3f}-{hi * 1e3:.3f}]")
+    print(f"  capture / Trainer's own norm, fused       {iso['fused_s'] / tr:8.3f}   (target <= 1.2)")
+    print(f"  capture / Trainer's own norm, fallback    {iso['fallback_s'] / tr:8.3f}")
+    print(f"  (fused captures in the isolated blocks: {iso['fused_calls']})")
     return 0
 
 

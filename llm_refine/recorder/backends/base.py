@@ -80,8 +80,9 @@ def is_dtensor(t: Any) -> bool:
 
 def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *, fused: bool | None = None) -> torch.Tensor:
     """[Σ|g|, Σg²] over plain (local) tensors, as a (2,) tensor on ``device`` (default: the first
-    grad's device). Tensors are bucketed by (device, dtype); sums are float32 per tensor even for
-    bf16/fp16 grads, float64 (MPS: float32) across tensors.
+    grad's device). Tensors are bucketed by (device, dtype); sums are accumulated in float32 (never
+    in bf16/fp16) — per tensor in the two-pass path, per 4096-element block in the CPU kernel —
+    and in float64 (MPS: float32) above that.
 
     CPU buckets of float32/bf16/fp16 grads go through the one-pass compiled kernel of
     :mod:`llm_refine.recorder.fused` (``fused=None``: unless ``LLM_REFINE_FUSED_NORMS=0``;

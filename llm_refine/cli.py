@@ -216,13 +216,11 @@ def _pretrain_entry():
 def cmd_pretrain(args) -> int:
     """``llm-refine pretrain`` = ``python -m llm_refine.train``: its arguments, its run."""
     from .logsetup import stdout_logging
-    from .train.config import load_pretrain_config
 
-    # Bad input (the file, its YAML, a --set key or value) fails here, before any work, as the
-    # CLI's one-line `llm-refine pretrain: error:`; the entry point then loads the same config.
-    load_pretrain_config(args.config, list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
+    # Bad input (the file, its YAML, a --set key, missing data) raises UserError, which the CLI
+    # reports as its one line `llm-refine pretrain: error: ...`, exit 2.
     with stdout_logging():
-        return _pretrain_entry()._run(args)
+        return _pretrain_entry().run(args)
 
 
 def cmd_examples_list(args) -> int:

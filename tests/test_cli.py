@@ -265,11 +265,13 @@ def test_pretrain_has_exactly_the_entry_points_arguments():
     (["{cfg}", "--set", "train.max_steps=abc"], ["train.max_steps", "not an integer"]),
     (["{cfg}", "--set", "novalue"], ["novalue"]),
     ([], ["required: config"]),
+    # found while preparing the data, after the config loaded: the same prefix, one line
+    (["{cfg}", "--set", "data.source=files", "data.path={tmp}/missing.txt", "--prepare-only"], ["missing.txt", "does not exist"]),
 ])
 def test_pretrain_bad_input_is_one_line(tmp_path, args, needles):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("model: {size: cpu-0.5m}\ntrain: {max_steps: 5}\n")
-    r = run_cli("pretrain", *[a.format(cfg=cfg) for a in args])
+    r = run_cli("pretrain", *[a.format(cfg=cfg, tmp=tmp_path) for a in args])
     assert_user_error(r, "llm-refine pretrain: error:", *needles)
     assert not (tmp_path / "runs").exists() and r.stdout == ""
 

@@ -93,6 +93,7 @@ def test_pretrain_entry_point_rejects_before_training(tmp_path, capsys, sets, me
     import re
 
     assert re.search(message, err) and "recipes/pretrain_tiny.yaml: " in err, err
+    assert err.startswith("python -m llm_refine.train: error: ")  # names the command, like the CLI
     assert not out.exists()
 
 

@@ -12,8 +12,6 @@ import json
 import os
 import sys
 
-from ..errors import UserError
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_refine.train", description=__doc__,
@@ -32,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..logsetup import stdout_logging
 
+    from ..errors import run_reporting_errors
+
     a = build_parser().parse_args(argv)
     with stdout_logging():
-        return _run(a)
+        return run_reporting_errors("python -m llm_refine.train", lambda: run(a))
 
 
 def _prepare(a: argparse.Namespace, overrides: list[str]) -> int:
@@ -43,16 +43,14 @@ def _prepare(a: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_pretrain_config
     from .data import prepare_data
 
-    try:
-        data = prepare_data(load_pretrain_config(a.config, overrides).data)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data = prepare_data(load_pretrain_config(a.config, overrides).data)
     print(json.dumps({k: data.meta[k] for k in ("key", "train_sequences", "val_sequences_available", "train_tokens")}))
     return 0
 
 
-def _run(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace) -> int:
+    """Train (or only prepare) from parsed arguments. Bad input raises `UserError`; the caller
+    (``main`` here, ``llm-refine pretrain`` in the CLI) turns it into its one-line error, exit 2."""
     overrides = list(a.set) + ([f"output_dir={a.output_dir}"] if a.output_dir else [])
     if a.prepare_only:
         return _prepare(a, overrides)
@@ -65,9 +63,6 @@ def _run(a: argparse.Namespace) -> int:
         set_threads(config.train)
         summary = run_pretrain(config)
         ok = True
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         shutdown_distributed(barrier=ok)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process

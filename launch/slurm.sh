@@ -1,6 +1,8 @@
 #!/bin/bash
 # Multi-node pretraining under SLURM: one `accelerate launch` per node (started by srun), each
-# spawning one process per GPU. Submit from the repository root:
+# spawning one process per GPU, each running the packaged entry point (-m llm_refine.train), so no
+# checkout is needed. Submit from the directory holding the config and launch/ (a checkout, or
+# `llm-refine examples copy slurm launch/ && llm-refine examples copy multinode launch/`):
 #   sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sh recipes/pretrain_tiny.yaml --set model.size=1.3b ...
 # ACCEL_CONFIG picks the engine (default DDP template; e.g. launch/fsdp.yaml, launch/deepspeed_zero3.yaml);
 # the node count, process count, rank and rendezvous address are passed on the command line and
@@ -24,7 +26,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # Tokenize and pack the data once (one task) into the shared cache before the ranks start: on a
 # big corpus this takes longer than the collective timeout the waiting ranks would otherwise hit.
 # Set LLM_REFINE_CACHE to a shared filesystem path. A no-op when the cache is already filled.
-srun --ntasks=1 --nodes=1 python recipes/pretrain.py "$@" --prepare-only
+srun --ntasks=1 --nodes=1 python -m llm_refine.train "$@" --prepare-only
 
 # Single quotes: SLURM_NODEID is expanded by each node's shell, not here.
 srun --ntasks="${NNODES}" --ntasks-per-node=1 bash -c '
@@ -36,5 +38,5 @@ srun --ntasks="${NNODES}" --ntasks-per-node=1 bash -c '
     --main_process_ip "'"${MASTER_ADDR}"'" \
     --main_process_port "'"${MASTER_PORT}"'" \
     --rdzv_backend static \
-    recipes/pretrain.py "$@"
+    -m llm_refine.train "$@"
 ' _ "$@"

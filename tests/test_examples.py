@@ -128,9 +128,6 @@ def test_cli_list_show_copy(tmp_path, monkeypatch, capsys):
     assert main(["examples"]) == 2  # an action is required
 
 
-@pytest.mark.xfail(strict=True, reason="launch/slurm.sh and launch/torchrun.sh still run recipes/pretrain.py, a checkout "
-                                       "path: a copied script works only in a checkout (issue #11); when they run "
-                                       "`-m llm_refine.train`, drop this mark")
 def test_shipped_launch_scripts_run_the_packaged_entry_point():
     for ex in examples.list_examples():
         if ex.path.suffix == ".sh":

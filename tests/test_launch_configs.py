@@ -92,8 +92,8 @@ def test_shell_launchers_parse(script):
     path = LAUNCH / script
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
-    if script == "torchrun.sh":  # the packaged entry point: the script runs outside a checkout too
-        assert "-m llm_refine.train" in text and "recipes/pretrain.py" not in text
+    # the packaged entry point: the script runs outside a checkout too
+    assert "-m llm_refine.train" in text and "recipes/pretrain.py" not in text
     if script == "slurm.sh":
         assert "srun" in text and "accelerate launch" in text and "--machine_rank" in text
     else:

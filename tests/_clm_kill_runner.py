@@ -1,4 +1,5 @@
-"""Runs ``tests/_run_clm_no_trainer.py`` (argv[1]) with its own arguments (argv[2:]) as ``__main__``,
+"""Runs a training script (argv[1]: ``tests/_clm_no_trainer_loop.py``, or a hooked tmp copy of the stock
+example) with its own arguments (argv[2:]) as ``__main__``,
 optionally SIGKILLing this process at the start of the N-th ``accelerator.backward`` call
 (``CLM_KILL_AT_BACKWARD=N``): a deterministic stand-in for a crash / preemption in the middle of an
 optimizer step. Every rank counts its own backward calls, so under ``accelerate launch`` all ranks

@@ -1,11 +1,17 @@
 """AccelerateGradNormHook with accelerate's own checkpoints and trackers (issues #11, #12).
 
-- The stock transformers example ``run_clm_no_trainer.py`` (``tests/_run_clm_no_trainer.py``: the copy,
-  with the README's one-line hook as its only edit) under kill and resume: ``--checkpointing_steps 3``,
-  SIGKILL in optimizer step 10 (after ``step_9`` was saved), resume with ``--resume_from_checkpoint
-  step_6``, finish: the history has each of the steps 0..11 exactly once, and equals an uninterrupted
-  run's history bit for bit. 1 process and 2 gloo processes (``accelerate launch --config_file
-  launch/ddp_cpu.yaml``).
+- A custom accelerate training loop in the style of transformers' ``run_clm_no_trainer.py`` example
+  (``tests/_clm_no_trainer_loop.py``: our own script, same flags, ``step_<N>`` checkpoints and
+  ``clm_no_trainer`` tracker project; its only llm-refine line is the README's one-line hook) under
+  kill and resume: ``--checkpointing_steps 3``, SIGKILL in optimizer step 10 (after ``step_9`` was
+  saved), resume with ``--resume_from_checkpoint step_6``, finish: the history has each of the steps
+  0..11 exactly once, and equals an uninterrupted run's history bit for bit. 1 process and 2 gloo
+  processes (``accelerate launch --config_file launch/ddp_cpu.yaml``).
+- The same test over the real stock example, when the user provides it:
+  ``LLM_REFINE_STOCK_RUN_CLM=/path/to/transformers/examples/pytorch/language-modeling/run_clm_no_trainer.py``.
+  The test copies it into its tmp dir and inserts the one-line hook (and its import) right after
+  the script's ``accelerator.prepare(`` call; nothing of it is kept in this repository. Skipped
+  when the variable is unset.
 - Tracker logging: the norms in accelerate's TensorBoard tracker at tracker step = history step + 1,
   read back with tensorboard's own EventAccumulator.
 - The warned/handled cases: a fresh hook over an existing history (moved aside to ``.prev``), a
@@ -29,7 +35,8 @@ from llm_refine.errors import UserError
 from llm_refine.history import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "_run_clm_no_trainer.py"
+SCRIPT = REPO / "tests" / "_clm_no_trainer_loop.py"
+STOCK_ENV = "LLM_REFINE_STOCK_RUN_CLM"
 RUNNER = REPO / "tests" / "_clm_kill_runner.py"
 
 STEPS = 12
@@ -56,7 +63,7 @@ def clm_inputs(tmp_path_factory) -> dict[str, Path]:
     train = root / "train.txt"
     val = root / "validation.txt"
     # Every training line is the same 16 words, and --block_size is 16, so every training block is the
-    # same: the stock script's shuffled loader draws its permutation from the global torch RNG, which
+    # same: the script's shuffled loader (ours, like the stock example's) draws its permutation from the global torch RNG, which
     # load_state restores to the checkpoint's state, so after a resume the batches come in another order
     # than in the uninterrupted run (measured with varied text: the first resumed step's l1 70.73 vs
     # 71.02). With identical blocks the order cannot matter and the norms must match bit for bit.
@@ -95,8 +102,8 @@ def _free_port() -> int:
 
 
 def _run_clm(inputs, out: Path, tmp_path, *, procs: int, extra=(), kill_at_backward: int = 0,
-             timeout: int = 240) -> subprocess.CompletedProcess:
-    args = [str(SCRIPT), "--config_name", str(inputs["config"]), "--tokenizer_name", str(inputs["tokenizer"]),
+             timeout: int = 240, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    args = [str(script), "--config_name", str(inputs["config"]), "--tokenizer_name", str(inputs["tokenizer"]),
             "--train_file", str(inputs["train"]), "--validation_file", str(inputs["validation"]),
             "--block_size", "16", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
             "--gradient_accumulation_steps", str(ACCUM), "--max_train_steps", str(STEPS),
@@ -109,7 +116,7 @@ def _run_clm(inputs, out: Path, tmp_path, *, procs: int, extra=(), kill_at_backw
                "--num_processes", str(procs), "--main_process_port", str(_free_port()), str(RUNNER), *args]
     env = _env(inputs, tmp_path)
     if procs > 1:
-        # The stock script's Accelerator() has no cpu=True, and launch/ddp_cpu.yaml's use_cpu does not
+        # The script's Accelerator() has no cpu=True (like the stock example's), and launch/ddp_cpu.yaml's use_cpu does not
         # reach it: without this each process trains alone and the hook refuses to record (its error
         # names this variable; seen with exactly this launch).
         env["ACCELERATE_USE_CPU"] = "1"
@@ -122,20 +129,20 @@ def _steps(path: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(path)[1]]
 
 
-def _kill_and_resume(clm_inputs, tmp_path, procs: int, extra=()):
+def _kill_and_resume(clm_inputs, tmp_path, procs: int, extra=(), script: Path = SCRIPT):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    ref = _run_clm(clm_inputs, ref_dir, tmp_path, procs=procs, extra=extra)
+    ref = _run_clm(clm_inputs, ref_dir, tmp_path, procs=procs, extra=extra, script=script)
     assert ref.returncode == 0, ref.stderr[-4000:]
 
     # Killed at the first micro-batch of optimizer step KILL_IN_STEP (after step_9 was saved).
-    killed = _run_clm(clm_inputs, run_dir, tmp_path, procs=procs, extra=extra,
+    killed = _run_clm(clm_inputs, run_dir, tmp_path, procs=procs, extra=extra, script=script,
                       kill_at_backward=KILL_IN_STEP * ACCUM + 1)
     assert killed.returncode != 0
     assert (run_dir / "step_9").is_dir() and not (run_dir / "step_12").exists()
     # save_state flushed and fsynced the history: on disk it is exactly the steps before the checkpoint.
     assert _steps(run_dir / "gradnorms.jsonl") == list(range(9))
 
-    resumed = _run_clm(clm_inputs, run_dir, tmp_path, procs=procs,
+    resumed = _run_clm(clm_inputs, run_dir, tmp_path, procs=procs, script=script,
                        extra=(*extra, "--resume_from_checkpoint", str(run_dir / f"step_{RESUME_FROM}")))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "gradient-norm history" not in resumed.stderr  # no gap / wrong-start warning
@@ -152,9 +159,71 @@ def _kill_and_resume(clm_inputs, tmp_path, procs: int, extra=()):
     return ref_dir, run_dir
 
 
-@pytest.mark.distributed  # starts processes (3 runs of the example)
-def test_stock_clm_example_kill_and_resume_single_process(clm_inputs, tmp_path):
-    ref_dir, run_dir = _kill_and_resume(clm_inputs, tmp_path, 1, extra=("--with_tracking", "--report_to", "tensorboard"))
+HOOK_IMPORT = "from llm_refine import AccelerateGradNormHook"
+HOOK_LINE = 'AccelerateGradNormHook(accelerator, model, optimizer, f"{args.output_dir}/gradnorms.jsonl")'
+
+
+def _insert_hook(text: str) -> str:
+    """``text`` with the README's one-line hook (and its import) inserted, at the indentation of the
+    first ``accelerator.prepare(`` call, on the line after that call's closing parenthesis."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        col = line.find("accelerator.prepare(")
+        if col < 0 or line.lstrip().startswith("#"):
+            continue
+        depth, j, k = 0, i, col + len("accelerator.prepare")
+        while True:  # to the line holding the matching ")"
+            for ch in lines[j][k:]:
+                depth += (ch == "(") - (ch == ")")
+                if depth == 0:
+                    break
+            if depth == 0:
+                break
+            j, k = j + 1, 0
+            if j == len(lines):
+                raise AssertionError("unbalanced accelerator.prepare( call")
+        indent = line[:len(line) - len(line.lstrip())]
+        hook = f"{indent}{HOOK_IMPORT}\n{indent}{HOOK_LINE}  # llm-refine: the one-line hook\n"
+        return "".join(lines[:j + 1] + [hook] + lines[j + 1:])
+    raise AssertionError("no accelerator.prepare( call to put the hook after")
+
+
+def test_insert_hook_after_multiline_prepare():
+    src = ("def main():\n"
+           "    # accelerator.prepare( in a comment is not the call\n"
+           "    model, opt = accelerator.prepare(\n"
+           "        model, f(opt)\n"
+           "    )\n"
+           "    train()\n")
+    out = _insert_hook(src).splitlines()
+    assert out[5:7] == [f"    {HOOK_IMPORT}", f"    {HOOK_LINE}  # llm-refine: the one-line hook"]
+    assert out[4] == "    )" and out[7] == "    train()"
+    compile("\n".join(out), "<hooked>", "exec")
+
+
+def _script(variant: str, tmp_path: Path) -> Path:
+    if variant == "ours":
+        return SCRIPT
+    stock = os.environ.get(STOCK_ENV)
+    if not stock:
+        pytest.skip(f"the stock example is not part of this repository: set {STOCK_ENV}=/path/to/"
+                    "run_clm_no_trainer.py (transformers' examples/pytorch/language-modeling/) to run "
+                    "this test over it; the test inserts the one-line hook into a tmp copy")
+    src = Path(stock)
+    assert src.is_file(), f"{STOCK_ENV}={stock}: no such file"
+    dst = tmp_path / "stock_run_clm_no_trainer.py"
+    dst.write_text(_insert_hook(src.read_text()))
+    return dst
+
+
+VARIANTS = pytest.mark.parametrize("variant", ["ours", "stock"])
+
+
+@pytest.mark.distributed  # starts processes (3 runs of the script)
+@VARIANTS
+def test_clm_style_loop_kill_and_resume_single_process(clm_inputs, tmp_path, variant):
+    ref_dir, run_dir = _kill_and_resume(clm_inputs, tmp_path, 1, extra=("--with_tracking", "--report_to", "tensorboard"),
+                                        script=_script(variant, tmp_path))
     # The tracker got the same norms at tracker step = history step + 1; the killed segment's values for
     # steps past the checkpoint stay in its own event file, the resumed run's file has them again.
     _, rec = read_jsonl(run_dir / "gradnorms.jsonl")
@@ -165,8 +234,9 @@ def test_stock_clm_example_kill_and_resume_single_process(clm_inputs, tmp_path):
 
 
 @pytest.mark.distributed
-def test_stock_clm_example_kill_and_resume_two_processes(clm_inputs, tmp_path):
-    _kill_and_resume(clm_inputs, tmp_path, 2)
+@VARIANTS
+def test_clm_style_loop_kill_and_resume_two_processes(clm_inputs, tmp_path, variant):
+    _kill_and_resume(clm_inputs, tmp_path, 2, script=_script(variant, tmp_path))
 
 
 # -- trackers -------------------------------------------------------------------------------------------

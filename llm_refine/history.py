@@ -470,7 +470,8 @@ def _read_csv_arrow(path: Path, data: bytes, column: str | None, delimiter: str)
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if has_header else 0),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if has_header else 0,
+                                           use_threads=False),  # a short-lived CLI: no reader threads to race at exit
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
             convert_options=pacsv.ConvertOptions(
                 include_columns=[names[0], names[col]],

@@ -183,11 +183,16 @@ def _copy_source(dest: Path) -> Path:
     return dest
 
 
+def _only_with_packaging_marker(request, what: str) -> None:
+    """Skip unless the run selected `-m packaging` (these fixtures are slow)."""
+    if "packaging" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip(f"slow ({what}): selected only by `-m packaging`, "
+                    "e.g. python -m pytest -m packaging tests/test_packaging.py (.ci/run runs it)")
+
+
 @pytest.fixture(scope="module")
 def core_venv(request, tmp_path_factory):
-    if "packaging" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow (a fresh venv and pip installs): selected only by `-m packaging`, "
-                    "e.g. python -m pytest -m packaging tests/test_packaging.py (.ci/run runs it)")
+    _only_with_packaging_marker(request, "a fresh venv and pip installs")
     base = tmp_path_factory.mktemp("core")
     src = _copy_source(base / "src")
     venv = base / "venv"
@@ -308,9 +313,7 @@ def wheel_venv(request, tmp_path_factory):
     import json
     import zipfile
 
-    if "packaging" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow (builds the wheel, a venv, trains): selected only by `-m packaging`, "
-                    "e.g. python -m pytest -m packaging tests/test_packaging.py (.ci/run runs it)")
+    _only_with_packaging_marker(request, "builds the wheel, a venv, trains")
     base = tmp_path_factory.mktemp("wheel")
     assert not _inside(base, REPO)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}

@@ -141,7 +141,10 @@ def test_ddp_cpu_config_is_the_cpu_twin_of_ddp(tmp_path):
     assert cpu.use_cpu is True and cpu.mixed_precision == "no" and cpu.num_machines == 1 and cpu.num_processes == 2
 
     script = tmp_path / "who.py"
-    script.write_text('import os\nprint("process", os.environ.get("RANK", "-"), "of", os.environ.get("WORLD_SIZE", "-"))\n')
+    # One os.write per line: two processes share the pipe, and print's separate writes of its
+    # arguments interleave ("processprocess 0 of 2" was seen in CI).
+    script.write_text('import os\nos.write(1, f"process {os.environ.get(\'RANK\', \'-\')} of '
+                      '{os.environ.get(\'WORLD_SIZE\', \'-\')}\\n".encode())\n')
     multi_cpu = tmp_path / "multi_cpu.yaml"
     multi_cpu.write_text(yaml.safe_dump({**yaml.safe_load(cpu_path.read_text()), "distributed_type": "MULTI_CPU"}))
     seen = {}

@@ -156,14 +156,17 @@ class Recipe:
         return self.lr_multipliers
 
     def refine_mode_at(self, size: str | None = None) -> str:
-        """`refine_mode` for one size's grid (a size with a one-LR grid is always "fixed")."""
+        """How the refine stage picks its baseline's LR at ``size``: "fixed" (known when planning),
+        "best" (lowest mean final loss over seeds, chosen once the baselines ran) or "each" (one
+        refined schedule per LR). A one-LR grid is always "fixed"."""
         grid = self.lr_grid(size)
         if len(grid) == 1 or self.refine.lr_multiplier is not None or isinstance(self.refine.from_, float):
             return "fixed"
         return "each" if self.refine.from_ == "each" else "best"
 
     def refine_from_fixed_at(self, size: str | None = None) -> float | None:
-        """`refine_from_fixed` for one size's grid."""
+        """The refined baseline's LR multiplier at ``size`` when the recipe fixes it (refine.from
+        or refine.lr_multiplier, or a one-LR grid); None when the refine stage chooses it."""
         grid = self.lr_grid(size)
         if self.refine.lr_multiplier is not None:
             return next(m for m in grid if math.isclose(m, self.refine.lr_multiplier))
@@ -182,27 +185,12 @@ class Recipe:
         """The LR multiplier of the refined baseline when it is fixed by the recipe (refine.from or
         refine.lr_multiplier, or a one-LR grid); else (refine.from: best/each over a grid) the
         multiplier 1 if in the grid, or the middle one (the run the report plots norms of)."""
-        return self.refine_lr_multiplier_at(None)
-
-    def refine_lr_multiplier_at(self, size: str | None = None) -> float:
-        fixed = self.refine_from_fixed_at(size)
+        fixed = self.refine_from_fixed_at(None)
         if fixed is not None:
             return fixed
-        grid = self.lr_grid(size)
-        if any(math.isclose(m, 1.0) for m in grid):
+        if any(math.isclose(m, 1.0) for m in self.lr_multipliers):
             return 1.0
-        return sorted(grid)[len(grid) // 2]
-
-    @property
-    def refine_mode(self) -> str:
-        """How the refine stage picks its baseline's LR: "fixed" (known when planning), "best"
-        (lowest mean final loss over seeds, chosen once the baselines ran) or "each" (one refined
-        schedule per LR). A one-LR grid is always "fixed". Per-size grids: `refine_mode_at`."""
-        return self.refine_mode_at(None)
-
-    @property
-    def refine_from_fixed(self) -> float | None:
-        return self.refine_from_fixed_at(None)
+        return sorted(self.lr_multipliers)[len(self.lr_multipliers) // 2]
 
     @property
     def variant_labels(self) -> list[str]:

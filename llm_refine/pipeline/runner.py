@@ -37,7 +37,7 @@ from .launchers import AccelerateLauncher, ChildRun, InProcessLauncher, Launcher
 from .plan import Stage, plan
 from .recipe import Recipe
 from .stages import (
-    BLOCKED, DONE, EMITTED, FAILED, INTERRUPTED, NOT_RUN, RESUMED, RUNNING, SKIPPED, PipelineStage, evaluate_run, now,
+    BLOCKED, DONE, FAILED, INTERRUPTED, NOT_RUN, RESUMED, RUNNING, SKIPPED, PipelineStage, evaluate_run, now,
     refine_baseline,
 )
 from .state import PREPARE_JOB, OutLock, StateFile, read_job_status, write_inputs

@@ -28,9 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..logsetup import stdout_logging
-
     from ..errors import run_reporting_errors
+    from ..logsetup import stdout_logging
 
     a = build_parser().parse_args(argv)
     with stdout_logging():

@@ -24,6 +24,7 @@ the two-pass eager reduction as the fallback; on accelerators per-tensor norms c
 from __future__ import annotations
 
 import abc
+import functools
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -50,19 +51,9 @@ def world_size() -> int:
     return dist.get_world_size() if dist_on() else 1
 
 
-_DTENSOR_API: list = []  # cached: the import statement below costs ~10 us per call, per gradient
-
-
+@functools.cache  # the import statement below costs ~10 us per call, and it runs per gradient
 def dtensor_api():
     """(DTensor, Replicate, Shard), or None without DTensor support (public module from torch 2.5)."""
-    if _DTENSOR_API:
-        return _DTENSOR_API[0]
-    api = _dtensor_api()
-    _DTENSOR_API.append(api)
-    return api
-
-
-def _dtensor_api():
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # pragma: no cover - older torch

@@ -41,7 +41,6 @@ from .stages import EMITTED, PipelineStage, now
 from .state import PREPARE_JOB, job_slug, job_status_path
 
 PREPARE_CMD = "python -m llm_refine.train"  # the packaged entry point's --prepare-only fills the shared cache
-_slug = job_slug  # the older name
 
 
 def _sbatch_header(recipe: Recipe, job: str, log_dir: Path, *, nodes: int, gpus: int) -> list[str]:

@@ -307,6 +307,48 @@ def test_heldout_se_of_a_paired_difference(tmp_path):
     assert row.endswith(f"| {np.median(expected):.5f} |")
 
 
+def _paired_runs(root, *, seq_noise, seed_effect, S=64):
+    """linear and cosine at seeds 0..3 on the same S sequences: sequences differ a lot in difficulty
+    (a large level SE); Δ = cosine − linear has a per-seed part (sd `seed_effect`) and a per-sequence
+    part (sd `seq_noise`)."""
+    rng = np.random.default_rng(11)
+    level = rng.normal(5.0, 0.5, S)
+    for seed in range(4):
+        base = level + rng.normal(0, 0.001, S)
+        cand = base + 0.03 + rng.normal(0, seed_effect) + rng.normal(0, seq_noise, S)
+        for sched, xs in (("linear", base), ("cosine", cand)):
+            rd = make_run(root / f"{sched}-seed{seed}", schedule=sched, seed=seed, loss=float(xs.mean()))
+            (rd / "eval.json").write_text(json.dumps({
+                "val_loss": float(xs.mean()), "tokens": S * 63, "sequences": S, "sequence_losses": xs.tolist(),
+                "val_loss_se": float(np.std(xs, ddof=1) / math.sqrt(S))}))
+    return collect_runs([root])
+
+
+def test_heldout_set_is_judged_by_the_paired_differences_when_recorded(tmp_path):
+    """Levels: the SE of one run's loss (~0.5/√64) dwarfs the seed sd, so a level yardstick would ask for
+    a held-out set far beyond the corpus; but the verdicts rest on paired Δs, whose held-out share is
+    sd(per-sequence Δ)/√S, small against the sd of Δ over seeds: no warning. When the per-sequence part
+    dominates the seed part instead, the paired yardstick warns."""
+    runs = _paired_runs(tmp_path / "ample", seq_noise=0.01, seed_effect=0.02)
+    nz = noise(runs, "cpu-0.5m")
+    assert nz.ratio > 1 and nz.judged_by == "paired" and not nz.too_noisy
+    (cmp,) = comparisons(runs)
+    assert nz.paired_se == pytest.approx(cmp.heldout_se()) and nz.paired_sd == pytest.approx(cmp.diff.sd)
+    assert nz.paired_ratio == pytest.approx(nz.paired_se / nz.paired_sd) and nz.paired_ratio < 1 / 3
+    build_report(runs, tmp_path / "ample")
+    md = (tmp_path / "ample" / "report.md").read_text()
+    assert "enlarge data.val_sequences" not in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| cpu-0.5m | 64 sequences"))
+    assert row.endswith("| yes, for the paired Δs |") and f"| {nz.paired_ratio:.2f} |" in row
+
+    runs = _paired_runs(tmp_path / "small", seq_noise=0.4, seed_effect=0.001)
+    nz = noise(runs, "cpu-0.5m")
+    assert nz.judged_by == "paired" and nz.too_noisy and nz.sequences_needed > 64
+    build_report(runs, tmp_path / "small")
+    verdict = (tmp_path / "small" / "report.md").read_text().split("## Verdict", 1)[1].split("## Final", 1)[0]
+    assert "held-out share of the paired Δs' noise" in verdict and f"to about {nz.sequences_needed} or more" in verdict
+
+
 def test_edge_cases_say_what_is_missing(tmp_path):
     make_run(tmp_path / "a" / "cosine", schedule="cosine", seed=0)  # no linear at this size
     make_run(tmp_path / "b" / "linear", size="cpu-2m", schedule="linear", seed=0, lr_multiplier=1.0)

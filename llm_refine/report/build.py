@@ -79,14 +79,18 @@ def _noise_warnings(runs: list[RunResult]) -> list[tuple]:
     out = []
     for size in size_order(runs):
         nz = noise(runs, size)
-        if nz.too_noisy:
-            need = f" to about {nz.sequences_needed} or more" if nz.sequences_needed else ""
-            out.append(("warn", f"{size}: the validation estimate's own noise (SE {nz.val_se:.4f} over "
-                                f"{nz.val_sequences or '?'} held-out sequences) is {nz.ratio:.2f} of the seed-to-seed sd "
-                                f"({nz.seed_sd:.4f}), more than {NOISE_RATIO:.2g}: enlarge data.val_sequences{need} "
-                                "(the SE shrinks as 1/√sequences) so that the losses measure the models rather than "
-                                "the held-out sample (for the paired Δ, see its held-out SE under Final validation "
-                                "loss)."))
+        if not nz.too_noisy:
+            continue
+        need = f" to about {nz.sequences_needed} or more" if nz.sequences_needed else ""
+        if nz.judged_by == "paired":
+            what = (f"the held-out share of the paired Δs' noise (SE {nz.paired_se:.4f} over {nz.val_sequences or '?'} "
+                    f"held-out sequences) is {nz.paired_ratio:.2f} of the sd of Δ over seeds ({nz.paired_sd:.4f})")
+        else:
+            what = (f"the validation estimate's own noise (SE {nz.val_se:.4f} over {nz.val_sequences or '?'} held-out "
+                    f"sequences) is {nz.ratio:.2f} of the seed-to-seed sd ({nz.seed_sd:.4f})")
+        out.append(("warn", f"{size}: {what}, more than {NOISE_RATIO:.2g}: enlarge data.val_sequences{need} "
+                            "(the SE shrinks as 1/√sequences) so that the comparison measures the models rather than "
+                            "the held-out sample (see Validation noise)."))
     return out
 
 
@@ -142,12 +146,14 @@ def _noise_section(runs: list[RunResult]) -> list[tuple]:
               "mean loss) / √sequences, is the honest one, since tokens of one sequence share their context and are "
               "correlated; the SE over tokens treats them as independent and is shown for comparison (median over "
               "the size's runs). The seed-to-seed sd is the sample sd of the final loss over seeds, pooled over the "
-              f"size's schedules and LRs. The held-out set is large enough when its SE is at most {NOISE_RATIO:.2g} "
-              "of the seed sd; with one seed the seed sd is not measured. This SE is the noise of each run's loss "
-              "level. A paired Δ is less exposed: both runs are scored on the same held-out sequences, so the "
-              "held-out set's share of the noise in Δ is sd(per-sequence differences) / √sequences, the last "
-              "column of the paired-differences table where eval.json holds per-sequence losses "
-              "(evaluate_checkpoint(..., sequence_losses=True))."),
+              "size's schedules and LRs. This SE is the noise of each run's loss level. A paired Δ is less "
+              "exposed: both runs are scored on the same held-out sequences, so the held-out set's share of the "
+              "noise in Δ is sd(per-sequence differences) / √sequences (median over the size's comparisons; also "
+              "the last column of the paired-differences table), to set against the sd of Δ over seeds (pooled "
+              "over the size's comparisons). The verdicts rest on paired Δs, so where eval.json holds per-sequence "
+              "losses (evaluate_checkpoint(..., sequence_losses=True)) the held-out set is large enough when the "
+              f"held-out SE of Δ is at most {NOISE_RATIO:.2g} of the sd of Δ; otherwise when the level SE is at most "
+              f"{NOISE_RATIO:.2g} of the seed sd. With one seed neither sd is measured."),
     ]
 
 

@@ -595,6 +595,14 @@ def verdict_sentence(runs: list[RunResult], size: str) -> str:
 
 @dataclass(frozen=True)
 class Noise:
+    """The validation estimate's own noise at one size, against the seed-to-seed noise.
+
+    Two yardsticks. Levels: the SE of one run's loss over its held-out sequences vs the sd of the
+    final loss over seeds. Paired Δs (what the verdicts rest on): both runs of a pair are scored on
+    the same sequences, so the held-out share of a Δ's noise is sd(per-sequence differences) / √S,
+    to set against the sd of Δ over seeds. Where per-sequence losses are recorded the held-out set is
+    judged by the paired yardstick, since a set far too small for levels can be ample for Δs."""
+
     size: str
     val_se: float | None  # median over the size's runs of the SE over held-out sequences
     val_se_max: float | None
@@ -603,21 +611,40 @@ class Noise:
     val_tokens: int | None
     seed_sd: float | None  # pooled within-cell sd of the final loss over seeds
     seed_df: int  # its degrees of freedom (Σ (n_cell − 1))
+    paired_se: float | None = None  # median over the size's comparisons of the held-out SE of Δ
+    paired_sd: float | None = None  # pooled sd of Δ over seeds (comparisons with n ≥ 2)
+    paired_df: int = 0
 
     @property
     def ratio(self) -> float | None:
+        """Levels: validation SE / seed sd."""
         return self.val_se / self.seed_sd if self.val_se is not None and self.seed_sd else None
 
     @property
+    def paired_ratio(self) -> float | None:
+        """Paired Δs: held-out SE of Δ / sd of Δ over seeds."""
+        return self.paired_se / self.paired_sd if self.paired_se is not None and self.paired_sd else None
+
+    @property
+    def judged_by(self) -> str | None:
+        """"paired" where per-sequence losses give the paired yardstick, else "levels" (None: neither)."""
+        return "paired" if self.paired_ratio is not None else "levels" if self.ratio is not None else None
+
+    @property
+    def deciding_ratio(self) -> float | None:
+        return self.paired_ratio if self.judged_by == "paired" else self.ratio
+
+    @property
     def too_noisy(self) -> bool:
-        return self.ratio is not None and self.ratio > NOISE_RATIO
+        r = self.deciding_ratio
+        return r is not None and r > NOISE_RATIO
 
     @property
     def sequences_needed(self) -> int | None:
-        """Held-out sequences for SE ≤ NOISE_RATIO · seed sd (SE shrinks as 1/√sequences)."""
+        """Held-out sequences for the deciding SE ≤ NOISE_RATIO × its seed sd (SE shrinks as 1/√sequences)."""
         if not self.too_noisy or not self.val_sequences:
             return None
-        return math.ceil(self.val_sequences * (self.ratio / NOISE_RATIO) ** 2)
+        return math.ceil(self.val_sequences * (self.deciding_ratio / NOISE_RATIO) ** 2)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -635,17 +662,26 @@ def noise(runs: list[RunResult], size: str) -> Noise:
     ses = [r.val_se for r in rs if r.val_se is not None]
     seqs = sorted({r.val_sequences for r in rs if r.val_sequences})
     toks = sorted({r.val_tokens for r in rs if r.val_tokens})
+    cmps = [c for c in comparisons(runs) if c.size == size]
+    pse = [se for c in cmps if (se := c.heldout_se()) is not None]
+    pnum, pdf = 0.0, 0
+    for c in cmps:
+        if c.diff.sd is not None and c.diff.n >= 2:
+            pnum += (c.diff.n - 1) * c.diff.sd ** 2
+            pdf += c.diff.n - 1
     return Noise(
         size=size, val_se=_median(ses), val_se_max=max(ses) if ses else None,
         val_se_tokens=_median([r.val_se_tokens for r in rs if r.val_se_tokens is not None]),
         val_sequences=seqs[0] if len(seqs) == 1 else None, val_tokens=toks[0] if len(toks) == 1 else None,
         seed_sd=math.sqrt(num_df / df) if df else None, seed_df=df,
+        paired_se=_median(pse), paired_sd=math.sqrt(pnum / pdf) if pdf else None, paired_df=pdf,
     )
 
 
 def noise_table(runs: list[RunResult]) -> Table:
     header = ["size", "held-out set", "validation SE (over sequences)", "validation SE (over tokens)",
-              "seed-to-seed sd", "SE / seed sd", "validation set large enough?"]
+              "seed-to-seed sd", "SE / seed sd", "held-out SE of Δ", "sd of Δ over seeds", "SE of Δ / sd of Δ",
+              "validation set large enough?"]
     rows = []
     for size in size_order(runs):
         nz = noise(runs, size)
@@ -656,14 +692,19 @@ def noise_table(runs: list[RunResult]) -> Table:
         se = "not recorded" if nz.val_se is None else (
             f"{nz.val_se:.5f}" + (f" (max {nz.val_se_max:.5f})" if nz.val_se_max and nz.val_se_max > nz.val_se * 1.05 else ""))
         sd = f"{nz.seed_sd:.4f} (df {nz.seed_df})" if nz.seed_sd is not None else "one seed: not measured"
-        if nz.ratio is None:
+        psd = f"{nz.paired_sd:.4f} (df {nz.paired_df})" if nz.paired_sd is not None else "not measured"
+        what = "for the paired Δs" if nz.judged_by == "paired" else "for levels (no per-sequence losses)"
+        if nz.judged_by is None:
             ok = "unknown"
         elif nz.too_noisy:
-            ok = f"NO: enlarge data.val_sequences to ≥ {nz.sequences_needed}" if nz.sequences_needed else "NO"
+            need = f"enlarge data.val_sequences to ≥ {nz.sequences_needed}" if nz.sequences_needed else "enlarge data.val_sequences"
+            ok = f"NO {what}: {need}"
         else:
-            ok = "yes"
+            ok = f"yes, {what}"
         rows.append([size, held, se, f"{nz.val_se_tokens:.5f}" if nz.val_se_tokens is not None else "not recorded",
-                     sd, f"{nz.ratio:.2f}" if nz.ratio is not None else "—", ok])
+                     sd, f"{nz.ratio:.2f}" if nz.ratio is not None else "—",
+                     f"{nz.paired_se:.5f}" if nz.paired_se is not None else "not recorded", psd,
+                     f"{nz.paired_ratio:.2f}" if nz.paired_ratio is not None else "—", ok])
     return header, rows
 
 

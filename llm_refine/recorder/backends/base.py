@@ -83,12 +83,20 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *
     grads = [g for g in grads if g is not None and g.numel() > 0]
     if device is None:
         device = grads[0].device if grads else torch.device("cpu")
+    mode = _fused.resolve(fused)
+    if grads and device.type == "cpu" and mode is not False:
+        # The common case, one bucket of CPU grads of one kernel dtype: the kernel's (2,) float64
+        # result is the answer (CPU accumulates in float64), without the bucketing and the copy
+        # below, whose per-tensor Python work costs about as much as the kernel on a small model.
+        dt = grads[0].dtype
+        if dt in _fused.DTYPES and all(g.is_cpu and g.dtype is dt for g in grads):
+            part = _fused.FUSED(grads, lambda sub: _bucket_two_pass(sub, device))
+            return part if part is not None else _bucket_two_pass(grads, device)
     acc = _acc_dtype(device)
     out = torch.zeros(2, dtype=acc, device=device)
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         buckets[(g.device, g.dtype)].append(g)
-    mode = _fused.resolve(fused)
     for (dev, _), ts in buckets.items():
         part = None
         if _fused.applicable(ts, mode):

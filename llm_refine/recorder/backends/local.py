@@ -19,6 +19,16 @@ class LocalBackend(ParamGradBackend):
         self.module = module
         self.engine = engine
         self.group = group
+        self._plain: bool | None = None  # no parameter is a DTensor (set at the first capture)
+
+    def local_grads(self):
+        # A plain parameter has a plain gradient: check the parameters once instead of every
+        # gradient every step (local_part's check, which raises for DTensors, still runs if any is).
+        if self._plain is None:
+            self._plain = not any(is_dtensor(p) for p in self.parameters())
+        if not self._plain:
+            return super().local_grads()
+        return [(p, g) for p in self.parameters() if (g := p.grad) is not None]
 
     def local_part(self, grad):
         if is_dtensor(grad):

@@ -531,8 +531,8 @@ def load_recipe(path: str | os.PathLike, *, check_pretrain: bool = True) -> Reci
 
     p = Path(path)
     if not p.is_file():
-        hint = " (the embedded default is recipes/tiny.yaml)" if not str(path).endswith("tiny.yaml") else ""
-        raise UserError(f"{p}: no such recipe file; pass a recipe YAML{hint}")
+        raise UserError(f"{p}: no such recipe file; pass a recipe YAML (`llm-refine examples list` names the shipped "
+                        "ones, `llm-refine examples copy tiny` writes the embedded default here)")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

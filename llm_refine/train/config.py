@@ -145,7 +145,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: no such config file; give a pretraining YAML such as recipes/pretrain_tiny.yaml")
+        raise UserError(f"{p}: no such config file; give a pretraining YAML (`llm-refine examples copy "
+                        "pretrain_tiny` writes one here) or a run's run_config.json")
     try:
         text = p.read_text(encoding="utf-8")
         raw = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}

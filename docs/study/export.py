@@ -1,6 +1,7 @@
 """Copy a pipeline output tree into the repo without checkpoints: the files the report reads, the
-linear baselines' gradient-norm histories unchanged (the refinement sources), and each run's train
-log trimmed to step, loss and lr (the schedule as trained)."""
+linear baselines' gradient-norm histories and those of any other run a schedule was refined from
+(round 2 refines the refined run), unchanged, and each run's train log trimmed to step, loss and
+lr (the schedule as trained)."""
 import json, shutil, sys
 from pathlib import Path
 
@@ -9,6 +10,12 @@ dst.mkdir(parents=True, exist_ok=True)
 for f in ("pipeline_state.json", "recipe.yaml"):
     if (src / f).exists():
         shutil.copy2(src / f, dst / f)
+sources = set()  # run dirs whose gradnorms.jsonl a schedule file of the tree was refined from
+for art in src.glob("cpu-*/refined_schedule*.json"):
+    prov = json.loads(art.read_text()).get("provenance") or {}
+    for p in [prov.get("source")] + list((prov.get("pipeline") or {}).get("sources") or []):
+        if isinstance(p, str) and p.endswith("gradnorms.jsonl"):
+            sources.add(Path(p).parent.name)
 for size in [p for p in src.iterdir() if p.is_dir() and p.name.startswith("cpu-")]:
     (dst / size.name).mkdir(exist_ok=True)
     for f in size.iterdir():
@@ -20,7 +27,7 @@ for size in [p for p in src.iterdir() if p.is_dir() and p.name.startswith("cpu-"
         for f in ("summary.json", "eval.json", "eval_log.jsonl", "run_config.json", "pipeline_stage.json"):
             if (run / f).exists():
                 shutil.copy2(run / f, out / f)
-        if run.name.startswith("linear") and (run / "gradnorms.jsonl").exists():
+        if (run.name.startswith("linear") or run.name in sources) and (run / "gradnorms.jsonl").exists():
             shutil.copy2(run / "gradnorms.jsonl", out / "gradnorms.jsonl")
         if (run / "train_log.jsonl").exists():
             with open(run / "train_log.jsonl") as fi, open(out / "train_log.jsonl", "w") as fo:

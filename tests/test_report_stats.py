@@ -349,6 +349,24 @@ def test_heldout_set_is_judged_by_the_paired_differences_when_recorded(tmp_path)
     assert "held-out share of the paired Δs' noise" in verdict and f"to about {nz.sequences_needed} or more" in verdict
 
 
+def test_verdict_leads_with_the_tuned_comparison_when_the_best_lrs_differ(tmp_path):
+    """linear is best at ×2, wsd at ×1: the sentence gives wsd(×1) vs linear(×2) first (what a user
+    would train), then the same-LR comparison at ×1; refined, best at ×2 like linear, keeps one."""
+    losses = {("linear", 1.0): 3.90, ("linear", 2.0): 3.80, ("wsd", 1.0): 3.78, ("wsd", 2.0): 3.85,
+              ("refined", 1.0): 4.00, ("refined", 2.0): 3.95}
+    for (sched, m), base in losses.items():
+        for seed in (0, 1, 2):
+            make_run(tmp_path / f"{sched}-lr{m:g}-seed{seed}", schedule=sched, seed=seed, lr_multiplier=m,
+                     lr=1e-3 * m, loss=base + 0.01 * seed + (0.002 * seed if sched == "wsd" else 0.0))
+    runs = collect_runs([tmp_path])
+    sentence = verdict_sentence(runs, "cpu-0.5m")
+    tuned = re.search(r"wsd at its best lr×1 vs linear at its best lr×2 is (.*?) \(Δ ([-+.0-9]+),", sentence)
+    assert tuned and tuned.group(1) == "better than linear" and float(tuned.group(2)) == pytest.approx(-0.02 + 0.002)
+    same = re.search(r"at the same lr×1 it is better than linear \(Δ ([-+.0-9]+),", sentence)
+    assert same and float(same.group(1)) == pytest.approx(-0.12 + 0.002)
+    assert "refined at lr×2 is worse than linear (Δ +0.1500" in sentence
+
+
 def test_edge_cases_say_what_is_missing(tmp_path):
     make_run(tmp_path / "a" / "cosine", schedule="cosine", seed=0)  # no linear at this size
     make_run(tmp_path / "b" / "linear", size="cpu-2m", schedule="linear", seed=0, lr_multiplier=1.0)

@@ -558,8 +558,15 @@ def per_seed_table(runs: list[RunResult], size: str) -> Table:
     return header, rows
 
 
+def _verdict_phrase(d: PairedDiff) -> str:
+    word = {BETTER: f"better than {BASELINE}", WORSE: f"worse than {BASELINE}", WITHIN_NOISE: "within noise"}[d.verdict]
+    return f"{word} (Δ {d.mean:+.4f}, 95% CI [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}], {d.n} seeds)"
+
+
 def verdict_sentence(runs: list[RunResult], size: str) -> str:
-    """One sentence for a size: each schedule against the baseline at its best LR."""
+    """One sentence for a size: each schedule at its best LR against the baseline. With an LR sweep
+    where the two best LRs differ, the tuned comparison leads (each at its own best, the paper's
+    protocol: what a user would train), followed by the same-LR comparison."""
     heads = headline(runs)
     scheds = [s for s in sched_sort(r.schedule for r in runs if r.size == size) if s != BASELINE]
     if not any(r.size == size and r.schedule == BASELINE for r in runs):
@@ -567,11 +574,15 @@ def verdict_sentence(runs: list[RunResult], size: str) -> str:
     if not scheds:
         return f"{size}: only {BASELINE} ran."
     sweep = len({r.lr_key for r in runs if r.size == size}) > 1
+    base_lr, base_best = best_cells(runs).get((size, BASELINE), (None, None))
     parts, single = [], []
     for s in scheds:
         cmp = heads[(size, s)]
         d = cmp.diff
         at = f" at {fmt_lr(cmp.lr, runs)}" if sweep and cmp.lr is not None else ""
+        tuned = None
+        if sweep and base_best is not None and cmp.lr != base_lr and cmp.baseline_lr == cmp.lr and cmp.cell.mean is not None:
+            tuned = paired_difference(seed_losses(cmp.cell), seed_losses(base_best))
         if sweep and cmp.baseline is not None and cmp.baseline_lr != cmp.lr:
             at += f" (vs {BASELINE} at {fmt_lr(cmp.baseline_lr, runs)})"
         if cmp.cell.mean is None:
@@ -580,9 +591,11 @@ def verdict_sentence(runs: list[RunResult], size: str) -> str:
             parts.append(f"{s}{at} has no seed in common with {BASELINE}")
         elif d.ci is None:
             single.append((s, f"{s}{at} {d.mean:+.4f}"))
+        elif tuned is not None and tuned.ci is not None:
+            parts.append(f"{s} at its best {fmt_lr(cmp.lr, runs)} vs {BASELINE} at its best {fmt_lr(base_lr, runs)} is "
+                         f"{_verdict_phrase(tuned)}; at the same {fmt_lr(cmp.lr, runs)} it is {_verdict_phrase(d)}")
         else:
-            word = {BETTER: f"better than {BASELINE}", WORSE: f"worse than {BASELINE}", WITHIN_NOISE: "within noise"}[d.verdict]
-            parts.append(f"{s}{at} is {word} (Δ {d.mean:+.4f}, 95% CI [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}], {d.n} seeds)")
+            parts.append(f"{s}{at} is {_verdict_phrase(d)}")
     if single:
         parts.append(f"one seed, so no interval and no verdict for {', '.join(s for s, _ in single)} "
                      f"(observed Δ vs {BASELINE}: {', '.join(t for _, t in single)})")

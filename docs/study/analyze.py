@@ -1,6 +1,7 @@
 """Measurements behind docs/study/README.md: each linear baseline's l1 norm trend and the schedule
 refined from it (what refine.from would give at that LR), the refined schedule's shape, and the
-validation curves of linear vs refined vs cosine at the tuned LR (means over seeds)."""
+validation curves of every schedule at each LR (means over seeds), at cpu-0.5m and cpu-2m, and the
+LR as trained at a few steps (seed 0)."""
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -34,12 +35,14 @@ print("| refined | " + " | ".join(f"{m[t]:.2f}" for t in steps) + " |")
 print("| linear (as trained) | " + " | ".join(f"{lin[t]:.2f}" for t in steps) + " |")
 
 print("\n## Validation loss during training (mean over 3 seeds)\n")
-for lr in (1, 2, 4):
+SCHEDS = ("linear", "refined", "refined-agg", "refined-r2", "refined-xfer", "cosine", "wsd")
+for size, lr in (("cpu-0.5m", 1), ("cpu-0.5m", 2), ("cpu-0.5m", 4), ("cpu-2m", None)):
     curves = {}
-    for sched in ("linear", "refined", "cosine"):
+    tag = f"-lr{lr}" if lr else ""
+    for sched in SCHEDS:
         rows = []
         for s in (0, 1, 2):
-            f = root / f"{sched}-lr{lr}-seed{s}" / "eval_log.jsonl"
+            f = root.parent / size / f"{sched}{tag}-seed{s}" / "eval_log.jsonl"
             if not f.exists():
                 continue
             ev = {}
@@ -52,7 +55,7 @@ for lr in (1, 2, 4):
             ks = sorted(set.intersection(*(set(r) for r in rows)))
             curves[sched] = {k: float(np.mean([r[k] for r in rows])) for k in ks}
     ks = sorted(set.intersection(*(set(c) for c in curves.values())))
-    print(f"peak LR x{lr}:\n")
+    print(f"{size}, peak LR " + (f"x{lr}" if lr else "x2 (the only one)") + ":\n")
     print("| schedule | " + " | ".join(f"step {k}" for k in ks) + " |")
     print("|---" * (len(ks) + 1) + "|")
     for sched, c in curves.items():
@@ -60,3 +63,11 @@ for lr in (1, 2, 4):
     if "refined" in curves:
         print("| refined − linear | " + " | ".join(f"{curves['refined'][k] - curves['linear'][k]:+.3f}" for k in ks) + " |")
     print()
+
+print("## LR as trained, as a share of the peak (seed 0)\n")
+for size, tag in (("cpu-0.5m", "-lr2"), ("cpu-2m", "")):
+    for sched in ("linear", "refined", "wsd"):
+        f = root.parent / size / f"{sched}{tag}-seed0" / "train_log.jsonl"
+        lr = {r["step"]: r["lr"] for r in map(json.loads, f.read_text().splitlines()) if "lr" in r}
+        top = max(lr.values())
+        print(f"{size} {sched:8s} " + " ".join(f"{t}:{lr.get(t, 0) / top:.2f}" for t in (1, 50, 100, 200, 300, 400, 600, 800, 999)))

@@ -321,14 +321,14 @@ def early_anneal_message(diag: dict) -> str:
         f"gradient norms rise {diag['norm_rise_after_min']:.2f}x after their minimum at "
         f"{diag['norm_min_fraction']:.0%} of the run, so w = 1/n falls and this schedule anneals early: "
         f"its LR area is {diag['lr_area_vs_linear']:.2f} of linear decay's. Measured in this project "
-        "(recipes/tiny.yaml, cpu-0.5m, 250 steps, 3 seeds): the baseline's norms rose 1.93x, the refined "
-        "schedule's LR area was 0.69 of linear's, and refined lost to linear by +0.18 validation loss "
-        "(95% CI +0.09 to +0.28); in the CPU study (docs/study, 1000 steps, 3 seeds) a baseline at an "
-        "untuned LR rose 2.0x (LR area 0.64-0.67) and refined lost by +0.10 (+0.02 to +0.18), and even at "
-        "the tuned LR (rise 1.4x, area 0.93) by +0.11 (+0.02 to +0.20), +0.04 (+0.02 to +0.06) with "
-        "linear's warm-up added (refine.warmup: true). Before spending compute on it: check that the "
-        "baseline's peak LR is tuned (the refined shape depends on it), try train.optimizer: adamc for "
-        "the baseline, or keep linear decay."
+        "(docs/study: cpu-0.5m, 1000 steps, 3 seeds, paired by seed, 95% CIs): at the tuned peak LR the "
+        "baseline's norms rose 1.40x (LR area 0.93) and refined lost to linear by +0.11 (+0.02 to +0.20); "
+        "at an untuned LR (rise 2.0x, area 0.64-0.67) by +0.10 (+0.02 to +0.18); a second round, refined "
+        "from the refined run's own norms, rose 1.69x (area 0.80) and lost by +0.15 (+0.07 to +0.23); "
+        "the seeds' median norms (+0.11) and AdamC for the baseline (+0.11) did not help; linear's warm-up "
+        "on top (refine.warmup: true) cut the loss to +0.04 (+0.02 to +0.06); WSD beat linear at LR x1 and x2 "
+        "(-0.06, -0.02). Before spending compute on it: check that the baseline's peak LR is tuned "
+        "(the refined shape depends on it), try refine.warmup: true, or keep linear decay or WSD."
     )
 
 

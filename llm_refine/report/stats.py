@@ -664,30 +664,30 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _pooled_sd(groups: Iterable[tuple[int, float]]) -> tuple[float | None, int]:
+    """(pooled sd, degrees of freedom) of groups given as (n, sample variance); groups with n < 2 skipped."""
+    num, df = 0.0, 0
+    for n, var in groups:
+        if n >= 2:
+            num += (n - 1) * var
+            df += n - 1
+    return (math.sqrt(num / df) if df else None), df
+
+
 def noise(runs: list[RunResult], size: str) -> Noise:
     rs = [r for r in runs if r.size == size]
-    num_df = 0.0
-    df = 0
-    for (s, _, _), c in cells(runs).items():
-        if s == size and c.n >= 2:
-            num_df += (c.n - 1) * statistics.variance(c.losses)
-            df += c.n - 1
+    seed_sd, seed_df = _pooled_sd((c.n, statistics.variance(c.losses)) for c in cells(rs).values() if c.n >= 2)
     ses = [r.val_se for r in rs if r.val_se is not None]
     seqs = sorted({r.val_sequences for r in rs if r.val_sequences})
     toks = sorted({r.val_tokens for r in rs if r.val_tokens})
-    cmps = [c for c in comparisons(runs) if c.size == size]
+    cmps = comparisons(rs)  # comparisons are within a size: this size's runs are enough
     pse = [se for c in cmps if (se := c.heldout_se()) is not None]
-    pnum, pdf = 0.0, 0
-    for c in cmps:
-        if c.diff.sd is not None and c.diff.n >= 2:
-            pnum += (c.diff.n - 1) * c.diff.sd ** 2
-            pdf += c.diff.n - 1
+    paired_sd, paired_df = _pooled_sd((c.diff.n, c.diff.sd ** 2) for c in cmps if c.diff.sd is not None)
     return Noise(
         size=size, val_se=_median(ses), val_se_max=max(ses) if ses else None,
         val_se_tokens=_median([r.val_se_tokens for r in rs if r.val_se_tokens is not None]),
         val_sequences=seqs[0] if len(seqs) == 1 else None, val_tokens=toks[0] if len(toks) == 1 else None,
-        seed_sd=math.sqrt(num_df / df) if df else None, seed_df=df,
-        paired_se=_median(pse), paired_sd=math.sqrt(pnum / pdf) if pdf else None, paired_df=pdf,
+        seed_sd=seed_sd, seed_df=seed_df, paired_se=_median(pse), paired_sd=paired_sd, paired_df=paired_df,
     )
 
 

@@ -84,12 +84,12 @@ def sums_of(grads: Sequence[torch.Tensor], device: torch.device | None = None, *
     if device is None:
         device = grads[0].device if grads else torch.device("cpu")
     mode = _fused.resolve(fused)
-    if grads and device.type == "cpu" and mode is not False:
+    if device.type == "cpu" and _fused.applicable(grads, mode):
         # The common case, one bucket of CPU grads of one kernel dtype: the kernel's (2,) float64
         # result is the answer (CPU accumulates in float64), without the bucketing and the copy
         # below, whose per-tensor Python work costs about as much as the kernel on a small model.
         dt = grads[0].dtype
-        if dt in _fused.DTYPES and all(g.is_cpu and g.dtype is dt for g in grads):
+        if all(g.is_cpu and g.dtype is dt for g in grads):
             part = _fused.FUSED(grads, lambda sub: _bucket_two_pass(sub, device))
             return part if part is not None else _bucket_two_pass(grads, device)
     acc = _acc_dtype(device)

@@ -311,10 +311,10 @@ def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.nda
     """(steps, values, column name) of a 2-column or W&B CSV (TSV for .tsv), pure Python."""
     path = Path(path)
     delimiter = csv_delimiter(path)
-    data = _read_bytes(path)
-    fast = _read_csv_arrow(path, data, column, delimiter)
+    fast = _read_csv_arrow(path, column, delimiter)
     if fast is not None:
         return fast
+    data = _read_bytes(path)
     text = _decode_text(path, data, "CSV history")
     del data
     if "\x00" in text:
@@ -356,7 +356,7 @@ def read_csv(path: str | os.PathLike, column: str | None = None) -> tuple[np.nda
 # ---------------------------------------------------------------------------------------------
 # Vectorised readers (pyarrow, when installed)
 #
-# The fast path parses a well-formed file with pyarrow's multithreaded CSV / JSON readers and
+# The fast path parses a well-formed file with pyarrow's CSV / JSON readers and
 # applies the same numeric policy with numpy. It answers only when the file is clean by every rule
 # of the pure-Python readers above; on anything else (an error, an odd encoding, a blank line, a
 # header in the middle, a null) it steps aside and the pure-Python reader reads the file, so
@@ -441,15 +441,114 @@ def _bool_numpy(col) -> np.ndarray:
     return vals
 
 
-def _read_csv_arrow(path: Path, data: bytes, column: str | None, delimiter: str):
+# A CSV is memory-mapped (no copy of the file) and parsed in chunks of whole lines, one per core:
+# each chunk is checked with numpy and parsed by pyarrow's serial reader in a thread of ours (both
+# release the GIL, and a chunk stays hot in cache from check to parse). Arrow's own reader threads
+# are not used: at interpreter exit they abort a short-lived CLI now and then (apache/arrow#34314);
+# ours are joined before the reader returns.
+_MIN_CHUNK_BYTES = 4 << 20  # below this a thread costs more than it saves
+_MAX_CHUNKS = 8
+_CSV_CONTROL_OK = np.array([9, 10, 13], dtype=np.int8)  # tab, LF, CR
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _line_chunks(buf, start: int) -> list[memoryview]:
+    """``buf[start:]`` as up to one chunk per core, each ending after a newline (zero-copy views)."""
+    view = memoryview(buf)
+    n = len(buf) - start
+    k = max(1, min(_cores(), _MAX_CHUNKS, n // _MIN_CHUNK_BYTES))
+    cuts = [start]
+    for i in range(1, k):
+        c = buf.find(b"\n", max(start + n * i // k, cuts[-1]))
+        if c < 0 or c + 1 >= len(buf):
+            break
+        cuts.append(c + 1)
+    cuts.append(len(buf))
+    return [view[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _plain_lines(chunk) -> int | None:
+    """The number of LF-ended lines of a chunk that is plain ASCII with no control byte but tab, LF
+    and CR, else None (a NUL, a form feed, a non-ASCII byte: the pure-Python reader decides). As
+    int8 a byte >= 0x80 is negative, so one comparison ``< 0x20`` finds both kinds; when every such
+    byte is an LF (the common file) two counts settle it."""
+    a = np.frombuffer(chunk, dtype=np.int8)
+    odd = a < 0x20
+    n_ctrl = int(np.count_nonzero(odd))
+    n_lf = int(np.count_nonzero(a == 10))
+    if n_ctrl != n_lf and not np.isin(a[odd], _CSV_CONTROL_OK).all():  # CRLF, tabs, or not plain
+        return None
+    return n_lf
+
+
+def _csv_chunk_columns(pa, pacsv, chunk, names: list[str], col: int, options: dict):
+    """(int64 steps, float64 values, validity of the values or None) of one chunk, or None when the
+    chunk is not plain text, does not hold one row per line (a blank line, which pyarrow skips, or a
+    quoted newline) or breaks the step rule: the pure-Python reader decides those."""
+    lines = _plain_lines(chunk)
+    if lines is None:
+        return None
+    lines += chunk[-1:] != b"\n"  # a last line without its newline
+    table = pacsv.read_csv(
+        pa.py_buffer(chunk), read_options=pacsv.ReadOptions(column_names=names, use_threads=False), **options
+    )
+    if table.num_rows != lines:
+        return None
+    steps, step_valid = _column_numpy(table.column(names[0]))
+    steps = _steps_int(steps) if step_valid is None else None
+    if steps is None:
+        return None
+    vals, val_valid = _column_numpy(table.column(names[col]))
+    return steps, vals, val_valid
+
+
+def _map_chunks(fn, chunks: list) -> list:
+    """``fn`` of each chunk, the first in this thread and the rest in threads of ours."""
+    if len(chunks) == 1:
+        return [fn(chunks[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(chunks) - 1, thread_name_prefix="llm-refine-csv") as pool:
+        rest = [pool.submit(fn, c) for c in chunks[1:]]
+        out = [fn(chunks[0])]
+        return out + [f.result() for f in rest]
+
+
+def _map_file(path: Path):
+    """The file's bytes as a read-only memory map, or None (empty or not mappable)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # ValueError: an empty file
+        return None
+
+
+def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
     mods = _arrow()
-    if mods is None or not _clean_utf8(data):
+    if mods is None:
+        return None
+    buf = _map_file(path)
+    if buf is None or buf[:3] == b"\xef\xbb\xbf" or buf[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return None
     pa, pacsv, _ = mods
-    nl = data.find(b"\n")
+    nl = buf.find(b"\n")
     if nl <= 0:
         return None
-    first = data[:nl].rstrip(b"\r").decode("utf-8")
+    head = buf[:nl]
+    if b"\x00" in head or any(b in head for b in _ODD_LINE_ENDS + _ODD_LINE_ENDS_UTF8):
+        return None
+    try:
+        first = head.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError:
+        return None
     try:
         row = next(csv.reader([first], delimiter=delimiter))
     except (csv.Error, StopIteration):
@@ -467,30 +566,33 @@ def _read_csv_arrow(path: Path, data: bytes, column: str | None, delimiter: str)
     if col == 0:
         return None
     names = [f"c{i}" for i in range(len(row))]
+    options = dict(
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=[names[0], names[col]],
+            column_types={names[0]: pa.float64(), names[col]: pa.float64()},
+            null_values=[""],
+            quoted_strings_can_be_null=True,
+            strings_can_be_null=False,
+        ),
+    )
+    chunks = _line_chunks(buf, nl + 1 if has_header else 0)
+    if not chunks:
+        return None  # a header and no rows: the pure-Python reader says what is missing
     try:
-        table = pacsv.read_csv(
-            pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if has_header else 0,
-                                           use_threads=False),  # a short-lived CLI: no reader threads to race at exit
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=[names[0], names[col]],
-                column_types={names[0]: pa.float64(), names[col]: pa.float64()},
-                null_values=[""],
-                quoted_strings_can_be_null=True,
-                strings_can_be_null=False,
-            ),
-        )
+        parts = _map_chunks(lambda c: _csv_chunk_columns(pa, pacsv, c, names, col, options), chunks)
     except (pa.ArrowException, ValueError, OverflowError):
         return None
-    steps, step_valid = _column_numpy(table.column(names[0]))
-    steps = _steps_int(steps) if step_valid is None else None
-    if steps is None:
+    finally:
+        del chunks
+    if any(p is None for p in parts):
         return None
-    vals, val_valid = _column_numpy(table.column(names[col]))
-    if val_valid is not None:  # W&B leaves a cell empty where that run logged nothing at this step
-        return steps[val_valid], vals[val_valid], header[col]
-    return steps, vals.copy(), header[col]
+    steps = np.concatenate([p[0] for p in parts])
+    vals = np.concatenate([p[1] for p in parts])  # a copy: the values own their memory
+    if any(p[2] is not None for p in parts):  # W&B leaves a cell empty where that run logged nothing at this step
+        valid = np.concatenate([np.ones(p[1].size, bool) if p[2] is None else p[2] for p in parts])
+        return steps[valid], vals[valid], header[col]
+    return steps, vals, header[col]
 
 
 def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:

@@ -184,3 +184,66 @@ def test_without_pyarrow_installed(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["50", "50", "99.0", "99.0"]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the CSV reader split even a tiny file into 4 chunks parsed in 3 threads of its own."""
+    monkeypatch.setattr(history, "_MIN_CHUNK_BYTES", 1)
+    monkeypatch.setattr(history, "_cores", lambda: 4)
+    seen = []
+    real = history._map_chunks
+    monkeypatch.setattr(history, "_map_chunks", lambda fn, chunks: seen.append(len(chunks)) or real(fn, chunks))
+    return seen
+
+
+GOOD_CSV = [g for g in GOOD if g[0].endswith((".csv", ".tsv"))]
+
+
+@pytest.mark.parametrize("name,content,kw", GOOD_CSV, ids=[g[0] for g in GOOD_CSV])
+def test_good_csv_read_in_chunks_same_result(tmp_path, arrow_calls, small_chunks, name, content, kw):
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8", newline="")
+    assert_same(p, **kw)
+    assert arrow_calls["csv"] == 1 and small_chunks and small_chunks[0] > 1
+
+
+def test_large_csv_in_chunks_no_row_lost_or_doubled(tmp_path, arrow_calls, small_chunks):
+    v = np.random.default_rng(1).lognormal(0, 1, 5000)
+    p = tmp_path / "big.csv"
+    p.write_text("step,v\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(v.tolist())))
+    tr = assert_same(p)
+    np.testing.assert_array_equal(tr.steps, np.arange(5000))
+    np.testing.assert_array_equal(tr.values, v)
+    assert small_chunks == [4]
+
+
+CHUNK_FALLBACK = [  # one row over two lines, a skipped blank line, a byte only Python reads: the pure-Python reader
+    ("quoted_newline.csv", 'step,v\n0,1\n1,"2\n"\n2,3\n3,4\n4,5\n'),
+    ("blank_middle.csv", "step,v\n0,1\n1,2\n\n2,3\n3,4\n"),
+    ("blank_end.csv", "step,v\n0,1\n1,2\n2,3\n\n"),
+    ("formfeed_late.csv", "step,v\n0,1\n1,2\n2,3\n3,4\x0c4,5\n"),
+    ("nul_late.csv", "step,v\n0,1\n1,2\n2,3\n3,4\x005\n"),
+    ("latin1_late.csv", "step,v\n0,1\n1,2\n2,3\n3,4\n4,\xe9\n"),
+    ("lone_cr.csv", "step,v\n0,1\n1,2\r2,3\n3,4\n"),
+]
+
+
+@pytest.mark.parametrize("name,content", CHUNK_FALLBACK, ids=[c[0] for c in CHUNK_FALLBACK])
+def test_odd_csv_in_chunks_goes_to_the_pure_python_reader(tmp_path, arrow_calls, small_chunks, name, content):
+    p = tmp_path / name
+    p.write_bytes(content.encode("latin-1"))
+    assert_same(p)
+    assert arrow_calls["csv"] == 0
+
+
+def test_csv_chunks_end_after_a_newline():
+    data = b"step,v\n" + b"".join(b"%d,%d\n" % (i, i) for i in range(1000))
+    for cores in (1, 2, 3, 8):
+        history._cores, real = (lambda: cores), history._cores
+        try:
+            chunks = history._line_chunks(data, 7)
+        finally:
+            history._cores = real
+        assert b"".join(bytes(c) for c in chunks) == data[7:]
+        assert all(bytes(c).endswith(b"\n") for c in chunks)

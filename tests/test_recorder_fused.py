@@ -213,3 +213,49 @@ def test_fused_sums_do_not_touch_the_gradients(fresh_cache):
     assert fresh_cache.calls == 2
     assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
     assert ptrs == [p.grad.data_ptr() for p in m.parameters()]
+
+
+def _lane_order_reference(ts):
+    """The kernel's arithmetic, written out in numpy: per 4096-element block, 16 float32 lanes
+    (lane k sums elements i + k, i in steps of 16), then the block's tail and the lanes in order
+    0..15 into one float32 per norm, then float64 across blocks and tensors."""
+    import numpy as np
+
+    s1 = s2 = 0.0
+    for t in ts:
+        x = t.float().contiguous().reshape(-1).numpy()
+        for b in range(0, x.size, 4096):
+            blk = x[b : b + 4096]
+            m = blk.size // 16 * 16
+            lanes = blk[:m].reshape(-1, 16)
+            a1 = np.cumsum(np.abs(lanes), axis=0, dtype=np.float32)[-1] if m else np.zeros(16, np.float32)
+            a2 = np.cumsum(lanes * lanes, axis=0, dtype=np.float32)[-1] if m else np.zeros(16, np.float32)
+            t1 = t2 = np.float32(0)
+            for v in blk[m:]:
+                t1, t2 = np.float32(t1 + abs(v)), np.float32(t2 + v * v)
+            for k in range(16):
+                t1, t2 = np.float32(t1 + a1[k]), np.float32(t2 + a2[k])
+            s1 += float(t1)
+            s2 += float(t2)
+    return s1, s2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_both_builds_give_the_same_bits_as_the_written_out_order(fresh_cache, dtype):
+    """The 8-wide AVX2 build and the 4-wide build (where this CPU has AVX2, the test compares two
+    real builds) sum in one order: the same bits as each other and as a numpy transcription."""
+    g = torch.Generator().manual_seed(3)
+    ts = [(torch.randn(n, generator=g) * s).to(dtype) for n, s in ((1, 1.0), (15, 2.0), (16, 1.0), (4111, 1e-2), (12_345, 30.0))]
+    kernel = fresh_cache._get()
+    assert kernel is not None, fresh_cache.failures
+    wide, narrow = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    fused._run(kernel, ts, wide)
+    fused._run(kernel, ts, narrow, path=fused.PATH_NARROW)
+    assert torch.equal(wide, narrow)
+    assert tuple(wide.tolist()) == _lane_order_reference(ts)
+    import os
+    import platform
+
+    cpuinfo = "/proc/cpuinfo"
+    if platform.machine() == "x86_64" and os.path.exists(cpuinfo) and " avx2" in open(cpuinfo).read():
+        assert fused.uses_avx2(kernel)  # so the comparison above really was of two builds

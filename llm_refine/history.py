@@ -245,11 +245,10 @@ def _json_value(v: Any, key: str, path: Path, line: int) -> float:
 
 
 def _jsonl_trace(path: Path, key: str) -> NormTrace:
-    data = _read_bytes(path)
-    fast = _read_jsonl_arrow(path, data, key)
+    fast = _read_jsonl_arrow(path, key)
     if fast is not None:
         return fast
-    meta, records = _read_jsonl_numbered(path, data)
+    meta, records = _read_jsonl_numbered(path)
     steps: list[int] = []
     vals: list[float] = []
     skipped = 0
@@ -441,11 +440,14 @@ def _bool_numpy(col) -> np.ndarray:
     return vals
 
 
-# A CSV is memory-mapped (no copy of the file) and parsed in chunks of whole lines, one per core:
-# each chunk is checked with numpy and parsed by pyarrow's serial reader in a thread of ours (both
-# release the GIL, and a chunk stays hot in cache from check to parse). Arrow's own reader threads
-# are not used: at interpreter exit they abort a short-lived CLI now and then (apache/arrow#34314);
-# ours are joined before the reader returns.
+# A CSV or JSONL history is memory-mapped (no copy of the file) and parsed in chunks of whole
+# lines, one per core: each chunk is checked with numpy and parsed by pyarrow's serial reader in a
+# thread of ours (both release the GIL, and a chunk stays hot in cache from check to parse).
+# Arrow's own reader threads are not used: at interpreter exit they abort a short-lived CLI now
+# and then (apache/arrow#34314); ours are joined before the reader returns. Every chunk must hold
+# one row per line, so a split can never change what is read. A mapped file that is truncated
+# while it is read would fault; histories are appended to, never truncated in place (the writer's
+# repair replaces the file by a rename).
 _MIN_CHUNK_BYTES = 4 << 20  # below this a thread costs more than it saves
 _MAX_CHUNKS = 8
 _CSV_CONTROL_OK = np.array([9, 10, 13], dtype=np.int8)  # tab, LF, CR
@@ -458,18 +460,20 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _line_chunks(buf, start: int) -> list[memoryview]:
-    """``buf[start:]`` as up to one chunk per core, each ending after a newline (zero-copy views)."""
+def _line_chunks(buf, start: int, end: int | None = None) -> list[memoryview]:
+    """``buf[start:end]`` as up to one chunk per core, each but the last ending after a newline
+    (zero-copy views; ``buf`` is bytes or a memory map)."""
     view = memoryview(buf)
-    n = len(buf) - start
+    end = len(buf) if end is None else end
+    n = end - start
     k = max(1, min(_cores(), _MAX_CHUNKS, n // _MIN_CHUNK_BYTES))
     cuts = [start]
     for i in range(1, k):
-        c = buf.find(b"\n", max(start + n * i // k, cuts[-1]))
-        if c < 0 or c + 1 >= len(buf):
+        c = buf.find(b"\n", max(start + n * i // k, cuts[-1]), end)
+        if c < 0 or c + 1 >= end:
             break
         cuts.append(c + 1)
-    cuts.append(len(buf))
+    cuts.append(end)
     return [view[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
@@ -566,8 +570,13 @@ def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
     if col == 0:
         return None
     names = [f"c{i}" for i in range(len(row))]
+    start = nl + 1 if has_header else 0
+    # No quote in the rows (a plain 2-column file): quote handling changes nothing, and without
+    # it pyarrow's tokenizer is ~15% faster (one memchr over the file to know).
+    quoted = buf.find(b'"', start) >= 0
     options = dict(
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False,
+                                         quote_char='"' if quoted else False),
         convert_options=pacsv.ConvertOptions(
             include_columns=[names[0], names[col]],
             column_types={names[0]: pa.float64(), names[col]: pa.float64()},
@@ -576,7 +585,7 @@ def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
             strings_can_be_null=False,
         ),
     )
-    chunks = _line_chunks(buf, nl + 1 if has_header else 0)
+    chunks = _line_chunks(buf, start)
     if not chunks:
         return None  # a header and no rows: the pure-Python reader says what is missing
     try:
@@ -595,18 +604,33 @@ def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
     return steps, vals, header[col]
 
 
-def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
+def _plain_or_utf8(view) -> int | None:
+    """The number of LF-ended lines of ``view`` when it is text the pyarrow path may read: plain
+    ASCII (`_plain_lines`, two numpy passes), or else valid UTF-8 without a line end that only
+    Python's splitlines knows (`_clean_utf8`, for a header naming a run in any script)."""
+    lines = _plain_lines(view)
+    if lines is None:
+        data = bytes(view)
+        if not _clean_utf8(data):
+            return None
+        lines = data.count(b"\n")
+    return lines
+
+
+def _read_jsonl_arrow(path: Path, key: str) -> NormTrace | None:
     mods = _arrow()
-    if mods is None or key in ("step", "skipped") or not data or not _clean_utf8(data):
+    if mods is None or key in ("step", "skipped"):
+        return None
+    buf = _map_file(path)
+    if buf is None or buf[:3] == b"\xef\xbb\xbf" or buf[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return None
     pa, _, pajson = mods
-    torn = not data.endswith(b"\n")
-    if torn:
-        data = data[: data.rfind(b"\n") + 1]  # a copy, only for a file a crash left torn
+    torn = buf[-1:] != b"\n"
+    end = buf.rfind(b"\n") + 1 if torn else len(buf)  # a torn last line is left out (zero-copy)
     meta: dict = {}
-    nl = data.find(b"\n")
+    nl = buf.find(b"\n")
     try:
-        head = json.loads(data[:nl]) if nl > 0 else None
+        head = json.loads(buf[:nl]) if nl > 0 else None
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
         return None
     start = 0
@@ -614,32 +638,57 @@ def _read_jsonl_arrow(path: Path, data: bytes, key: str) -> NormTrace | None:
         m = head.get("meta", {})
         meta = dict(m) if isinstance(m, dict) else {}
         start = nl + 1
-    n_lines = data.count(b"\n", start)
-    if n_lines == 0:
+    if end <= start:
         return None
+    for part in (bytes(buf[:start]), bytes(buf[end:])):  # the header line and a torn tail, as the Python reader sees them
+        if b"\x00" in part or any(b in part for b in _ODD_LINE_ENDS + _ODD_LINE_ENDS_UTF8):
+            return None
+        try:
+            part.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     schema = pa.schema([("step", pa.float64()), (key, pa.float64()), ("skipped", pa.bool_())])
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
+
+    def columns(chunk):
+        """(int64 steps, values, validity or None, skipped mask) of one chunk, or None (the
+        pure-Python reader decides: not plain text, a blank line or two records on one line, a
+        step that breaks the step rule)."""
+        n_lines = _plain_or_utf8(chunk)
+        if not n_lines:
+            return None
+        table = pajson.read_json(pa.BufferReader(pa.py_buffer(chunk)),  # the mapped file itself: no copy
+                                 read_options=pajson.ReadOptions(use_threads=False), parse_options=options)
+        if table.num_rows != n_lines:
+            return None
+        steps, step_valid = _column_numpy(table.column("step"))
+        steps = _steps_int(steps) if step_valid is None else None
+        if steps is None:
+            return None
+        vals, val_valid = _column_numpy(table.column(key))
+        return steps, vals, val_valid, _bool_numpy(table.column("skipped"))
+
+    chunks = _line_chunks(buf, start, end)
     try:
-        table = pajson.read_json(
-            pa.BufferReader(pa.py_buffer(data).slice(start)),  # zero-copy: no second copy of the file
-            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False),
-        )
+        parts = _map_chunks(columns, chunks)
     except (pa.ArrowException, ValueError, OverflowError):
         return None
-    if table.num_rows != n_lines:
-        return None  # blank lines, or two records on one line: the pure-Python reader decides
-    steps, step_valid = _column_numpy(table.column("step"))
-    steps = _steps_int(steps) if step_valid is None else None
-    if steps is None:
+    finally:
+        del chunks
+    if any(p is None for p in parts):
         return None
-    skipped = _bool_numpy(table.column("skipped"))
-    vals, val_valid = _column_numpy(table.column(key))
+    steps = np.concatenate([p[0] for p in parts])
+    vals = np.concatenate([p[1] for p in parts])
+    skipped = np.concatenate([p[3] for p in parts])
     keep = ~skipped
-    if val_valid is not None and not val_valid[keep].all():
-        return None  # a null or a missing key: the pure-Python reader tells them apart
+    if any(p[2] is not None for p in parts):
+        valid = np.concatenate([np.ones(p[1].size, bool) if p[2] is None else p[2] for p in parts])
+        if not valid[keep].all():
+            return None  # a null or a missing key: the pure-Python reader tells them apart
     if torn:
         warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
     n_skipped = int(skipped.sum())
-    steps, vals = (steps[keep], vals[keep]) if n_skipped else (steps, vals.copy())
+    steps, vals = (steps[keep], vals[keep]) if n_skipped else (steps, vals)
     return NormTrace(steps, vals, str(path), key, meta, n_skipped)
 
 

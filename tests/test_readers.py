@@ -247,3 +247,31 @@ def test_csv_chunks_end_after_a_newline():
             history._cores = real
         assert b"".join(bytes(c) for c in chunks) == data[7:]
         assert all(bytes(c).endswith(b"\n") for c in chunks)
+
+
+JSONL_EDGES = [  # the pure-Python reader's answer (an error or a warning) must not change with pyarrow
+    ("torn_cut_utf8.jsonl", jl([{"step": i, "l1": 1.0} for i in range(5)]).encode() + '{"step": 5, "note": "é'.encode()[:-1]),
+    ("torn_formfeed.jsonl", jl([{"step": i, "l1": 1.0} for i in range(5)]).encode() + b'{"step": 5,\x0c "l1"'),
+    ("header_formfeed.jsonl", b'{"format": "llm-refine/gradnorms", "meta": {"x": "a\x0cb"}}\n' + jl([{"step": 0, "l1": 1.0}], header=False).encode()),
+    ("utf8_meta.jsonl", jl([{"step": i, "l1": 1.0 + i} for i in range(5)], meta={"run": "学习率"}).encode()),
+    ("utf8_body.jsonl", jl([{"step": i, "l1": 1.0 + i, "note": "é"} for i in range(5)]).encode()),
+]
+
+
+@pytest.mark.parametrize("name,content", JSONL_EDGES, ids=[c[0] for c in JSONL_EDGES])
+def test_jsonl_edges_same_with_and_without_pyarrow(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content)
+    assert_same(p)
+
+
+def test_large_jsonl_in_chunks_same_result(tmp_path, arrow_calls, small_chunks):
+    v = np.random.default_rng(2).lognormal(0, 1, 3000)
+    q = tmp_path / "big.jsonl"
+    recs = [{"step": i, "l1": x} if i % 11 else {"step": i, "skipped": True, "reason": "fp16 overflow"} for i, x in enumerate(v.tolist())]
+    q.write_text(jl(recs) + '{"step": 3000, "l1"')  # and a torn last line
+    tr = assert_same(q)
+    keep = np.arange(3000) % 11 != 0
+    np.testing.assert_array_equal(tr.steps, np.arange(3000)[keep])
+    np.testing.assert_array_equal(tr.values, v[keep])
+    assert tr.skipped_steps == int((~keep).sum()) and arrow_calls["jsonl"] == 1 and small_chunks == [4]

@@ -67,21 +67,6 @@ typedef float llmr_v4f __attribute__((vector_size(16)));
 typedef int32_t llmr_v4i __attribute__((vector_size(16)));
 
 template <typename T>
-static inline llmr_v4f llmr_load4(const T* p) {
-  float t[4];
-  for (int k = 0; k < 4; ++k) t[k] = static_cast<float>(p[k]);  // bf16/fp16 widened one by one
-  llmr_v4f v;
-  std::memcpy(&v, t, sizeof v);
-  return v;
-}
-template <>
-inline llmr_v4f llmr_load4<float>(const float* p) {
-  llmr_v4f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
 static inline void llmr_tail(const T* x, int64_t i, int64_t e, float& t1, float& t2) {
   for (; i < e; ++i) {
     const float v = static_cast<float>(x[i]);
@@ -90,29 +75,53 @@ static inline void llmr_tail(const T* x, int64_t i, int64_t e, float& t1, float&
   }
 }
 
-template <typename T>
-static void llmr_sums_v4(const T* __restrict__ x, int64_t n, double& s1, double& s2) {
+// W lanes from p: float32 loaded as is, bf16/fp16 widened one by one (always inlined, like the body).
+template <typename VF, int W, typename T>
+__attribute__((always_inline)) static inline VF llmr_load(const T* p) {
+  float t[W];
+  for (int k = 0; k < W; ++k) t[k] = static_cast<float>(p[k]);
+  VF v;
+  std::memcpy(&v, t, sizeof v);
+  return v;
+}
+template <typename VF, int W>
+__attribute__((always_inline)) static inline VF llmr_load(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// One body for both builds: VF/VI the float/int vector types of W lanes, 16 / W vectors per
+// norm. Always inlined, so each build compiles it for its own target.
+template <typename VF, typename VI, int W, typename T>
+__attribute__((always_inline)) static inline void llmr_sums_body(const T* __restrict__ x, int64_t n, double& s1, double& s2) {
   constexpr int64_t B = 4096;
+  constexpr int V = 16 / W;
   for (int64_t b = 0; b < n; b += B) {
     const int64_t e = std::min(n, b + B);
-    llmr_v4f a1[4] = {}, a2[4] = {};
+    VF a1[V] = {}, a2[V] = {};
     int64_t i = b;
     for (; i + 16 <= e; i += 16) {
-      for (int j = 0; j < 4; ++j) {
-        const llmr_v4f v = llmr_load4(x + i + 4 * j);
-        a1[j] += (llmr_v4f)((llmr_v4i)v & 0x7fffffff);
+      for (int j = 0; j < V; ++j) {
+        const VF v = llmr_load<VF, W>(x + i + W * j);
+        a1[j] += (VF)((VI)v & 0x7fffffff);
         a2[j] += v * v;
       }
     }
     float t1 = 0.f, t2 = 0.f;
     llmr_tail(x, i, e, t1, t2);
     for (int k = 0; k < 16; ++k) {
-      t1 += a1[k / 4][k % 4];
-      t2 += a2[k / 4][k % 4];
+      t1 += a1[k / W][k % W];
+      t2 += a2[k / W][k % W];
     }
     s1 += static_cast<double>(t1);
     s2 += static_cast<double>(t2);
   }
+}
+
+template <typename T>
+static void llmr_sums_v4(const T* x, int64_t n, double& s1, double& s2) {
+  llmr_sums_body<llmr_v4f, llmr_v4i, 4>(x, n, s1, s2);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -121,43 +130,8 @@ typedef float llmr_v8f __attribute__((vector_size(32)));
 typedef int32_t llmr_v8i __attribute__((vector_size(32)));
 
 template <typename T>
-__attribute__((target("avx2"))) static inline llmr_v8f llmr_load8(const T* p) {
-  float t[8];
-  for (int k = 0; k < 8; ++k) t[k] = static_cast<float>(p[k]);
-  llmr_v8f v;
-  std::memcpy(&v, t, sizeof v);
-  return v;
-}
-template <>
-__attribute__((target("avx2"))) inline llmr_v8f llmr_load8<float>(const float* p) {
-  llmr_v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
-__attribute__((target("avx2"))) static void llmr_sums_v8(const T* __restrict__ x, int64_t n, double& s1, double& s2) {
-  constexpr int64_t B = 4096;
-  for (int64_t b = 0; b < n; b += B) {
-    const int64_t e = std::min(n, b + B);
-    llmr_v8f a1[2] = {}, a2[2] = {};
-    int64_t i = b;
-    for (; i + 16 <= e; i += 16) {
-      for (int j = 0; j < 2; ++j) {
-        const llmr_v8f v = llmr_load8(x + i + 8 * j);
-        a1[j] += (llmr_v8f)((llmr_v8i)v & 0x7fffffff);
-        a2[j] += v * v;
-      }
-    }
-    float t1 = 0.f, t2 = 0.f;
-    llmr_tail(x, i, e, t1, t2);
-    for (int k = 0; k < 16; ++k) {
-      t1 += a1[k / 8][k % 8];
-      t2 += a2[k / 8][k % 8];
-    }
-    s1 += static_cast<double>(t1);
-    s2 += static_cast<double>(t2);
-  }
+__attribute__((target("avx2"))) static void llmr_sums_v8(const T* x, int64_t n, double& s1, double& s2) {
+  llmr_sums_body<llmr_v8f, llmr_v8i, 8>(x, n, s1, s2);
 }
 #endif
 

@@ -450,7 +450,7 @@ def _bool_numpy(col) -> np.ndarray:
 # repair replaces the file by a rename).
 _MIN_CHUNK_BYTES = 4 << 20  # below this a thread costs more than it saves
 _MAX_CHUNKS = 8
-_CSV_CONTROL_OK = np.array([9, 10, 13], dtype=np.int8)  # tab, LF, CR
+_TEXT_CONTROL_OK = np.array([9, 10, 13], dtype=np.int8)  # tab, LF, CR
 
 
 def _cores() -> int:
@@ -486,7 +486,7 @@ def _plain_lines(chunk) -> int | None:
     odd = a < 0x20
     n_ctrl = int(np.count_nonzero(odd))
     n_lf = int(np.count_nonzero(a == 10))
-    if n_ctrl != n_lf and not np.isin(a[odd], _CSV_CONTROL_OK).all():  # CRLF, tabs, or not plain
+    if n_ctrl != n_lf and not np.isin(a[odd], _TEXT_CONTROL_OK).all():  # CRLF, tabs, or not plain
         return None
     return n_lf
 
@@ -518,7 +518,7 @@ def _map_chunks(fn, chunks: list) -> list:
         return [fn(chunks[0])]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(chunks) - 1, thread_name_prefix="llm-refine-csv") as pool:
+    with ThreadPoolExecutor(max_workers=len(chunks) - 1, thread_name_prefix="llm-refine-read") as pool:
         rest = [pool.submit(fn, c) for c in chunks[1:]]
         out = [fn(chunks[0])]
         return out + [f.result() for f in rest]
@@ -535,24 +535,49 @@ def _map_file(path: Path):
         return None
 
 
-def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
+def _mapped_text(path: Path):
+    """(pyarrow modules, the file's memory map) for the fast path, or None: no pyarrow, an empty
+    or unmappable file, or a BOM (the pure-Python reader handles or names those)."""
     mods = _arrow()
     if mods is None:
         return None
     buf = _map_file(path)
     if buf is None or buf[:3] == b"\xef\xbb\xbf" or buf[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return None
-    pa, pacsv, _ = mods
-    nl = buf.find(b"\n")
-    if nl <= 0:
-        return None
-    head = buf[:nl]
-    if b"\x00" in head or any(b in head for b in _ODD_LINE_ENDS + _ODD_LINE_ENDS_UTF8):
-        return None
+    return mods, buf
+
+
+def _reads_alike(part: bytes) -> bool:
+    """Whether a line the chunks do not cover (a header, a torn tail) is UTF-8 with no NUL and no
+    line end only Python's splitlines knows, so the pure-Python reader would see it as one line."""
+    if b"\x00" in part or any(b in part for b in _ODD_LINE_ENDS + _ODD_LINE_ENDS_UTF8):
+        return False
     try:
-        first = head.rstrip(b"\r").decode("utf-8")
+        part.decode("utf-8")
     except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _joined(parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(steps, values, validity or None) of the chunks' (steps, values, validity or None, ...)
+    in file order; the values are a copy that owns its memory."""
+    steps = np.concatenate([p[0] for p in parts])
+    vals = np.concatenate([p[1] for p in parts])
+    if all(p[2] is None for p in parts):
+        return steps, vals, None
+    return steps, vals, np.concatenate([np.ones(p[1].size, bool) if p[2] is None else p[2] for p in parts])
+
+
+def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
+    mapped = _mapped_text(path)
+    if mapped is None:
         return None
+    (pa, pacsv, _), buf = mapped
+    nl = buf.find(b"\n")
+    if nl <= 0 or not _reads_alike(buf[:nl]):
+        return None
+    first = buf[:nl].rstrip(b"\r").decode("utf-8")
     try:
         row = next(csv.reader([first], delimiter=delimiter))
     except (csv.Error, StopIteration):
@@ -596,10 +621,8 @@ def _read_csv_arrow(path: Path, column: str | None, delimiter: str):
         del chunks
     if any(p is None for p in parts):
         return None
-    steps = np.concatenate([p[0] for p in parts])
-    vals = np.concatenate([p[1] for p in parts])  # a copy: the values own their memory
-    if any(p[2] is not None for p in parts):  # W&B leaves a cell empty where that run logged nothing at this step
-        valid = np.concatenate([np.ones(p[1].size, bool) if p[2] is None else p[2] for p in parts])
+    steps, vals, valid = _joined(parts)
+    if valid is not None:  # W&B leaves a cell empty where that run logged nothing at this step
         return steps[valid], vals[valid], header[col]
     return steps, vals, header[col]
 
@@ -618,13 +641,10 @@ def _plain_or_utf8(view) -> int | None:
 
 
 def _read_jsonl_arrow(path: Path, key: str) -> NormTrace | None:
-    mods = _arrow()
-    if mods is None or key in ("step", "skipped"):
+    mapped = None if key in ("step", "skipped") else _mapped_text(path)
+    if mapped is None:
         return None
-    buf = _map_file(path)
-    if buf is None or buf[:3] == b"\xef\xbb\xbf" or buf[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return None
-    pa, _, pajson = mods
+    (pa, _, pajson), buf = mapped
     torn = buf[-1:] != b"\n"
     end = buf.rfind(b"\n") + 1 if torn else len(buf)  # a torn last line is left out (zero-copy)
     meta: dict = {}
@@ -640,13 +660,8 @@ def _read_jsonl_arrow(path: Path, key: str) -> NormTrace | None:
         start = nl + 1
     if end <= start:
         return None
-    for part in (bytes(buf[:start]), bytes(buf[end:])):  # the header line and a torn tail, as the Python reader sees them
-        if b"\x00" in part or any(b in part for b in _ODD_LINE_ENDS + _ODD_LINE_ENDS_UTF8):
-            return None
-        try:
-            part.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+    if not (_reads_alike(buf[:start]) and _reads_alike(buf[end:])):  # the header line and a torn tail
+        return None
     schema = pa.schema([("step", pa.float64()), (key, pa.float64()), ("skipped", pa.bool_())])
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
 
@@ -677,14 +692,11 @@ def _read_jsonl_arrow(path: Path, key: str) -> NormTrace | None:
         del chunks
     if any(p is None for p in parts):
         return None
-    steps = np.concatenate([p[0] for p in parts])
-    vals = np.concatenate([p[1] for p in parts])
+    steps, vals, valid = _joined(parts)
     skipped = np.concatenate([p[3] for p in parts])
     keep = ~skipped
-    if any(p[2] is not None for p in parts):
-        valid = np.concatenate([np.ones(p[1].size, bool) if p[2] is None else p[2] for p in parts])
-        if not valid[keep].all():
-            return None  # a null or a missing key: the pure-Python reader tells them apart
+    if valid is not None and not valid[keep].all():
+        return None  # a null or a missing key: the pure-Python reader tells them apart
     if torn:
         warnings.warn(f"{path}: ignoring a torn last line (the run was interrupted mid-write)")
     n_skipped = int(skipped.sum())
